@@ -1,0 +1,157 @@
+"""The model's shape, read from a Hugging Face config.json and checked against what our model implements."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's config asks for something this model does not implement; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters (Hugging Face `rope_parameters` / `rope_scaling`)."""
+
+    theta: float
+    """Base of the rotary frequencies."""
+    rope_type: str = "default"
+    """'default', 'linear' or 'llama3'."""
+    factor: float = 1.0
+    """Scaling factor (linear, llama3)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max / low_freq_factor are fully scaled."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max / high_freq_factor are left alone."""
+    original_max_position_embeddings: int = 8192
+    """llama3: the context the model was pretrained on, in tokens."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder's shape."""
+
+    architecture: str
+    """'llama', 'qwen2' or 'mistral'."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    """Equal to num_attention_heads for MHA, fewer for GQA, 1 for MQA."""
+    head_dim: int
+    max_position_embeddings: int
+    """Longest context the model accepts, in tokens."""
+    rms_norm_eps: float
+    rope: RopeConfig
+    attention_bias: bool
+    """Bias on the q, k and v projections (Qwen2; Llama's attention_bias)."""
+    o_proj_bias: bool
+    """Bias on the output projection (Llama's attention_bias only)."""
+    tie_word_embeddings: bool
+    sliding_window: int | None
+    """Mistral: a query attends to at most this many most recent positions, itself included."""
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def fingerprint(self) -> str:
+        """A stable digest of the shape; part of the block-hash namespace together with the weights' identity."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
+    # transformers 5 writes `rope_parameters` (with rope_theta inside); 4.x writes rope_theta + rope_scaling.
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"config.json: rope type {rope_type!r} (rope_parameters.rope_type) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _refuse(field: str, value: Any, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"config.json: {field}={value!r} is not supported: {why}")
+
+
+def model_config_from_hf(raw: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+    """Validate a parsed config.json and turn it into a ModelConfig. Raises UnsupportedModelError."""
+    archs = raw.get("architectures") or []
+    arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise _refuse("architectures", archs, f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    hidden_act = raw.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise _refuse("hidden_act", hidden_act, "the SwiGLU MLP needs 'silu'")
+    if raw.get("mlp_bias"):
+        raise _refuse("mlp_bias", raw["mlp_bias"], "MLP biases are not implemented")
+    if raw.get("pretraining_tp", 1) not in (1, None):
+        raise _refuse("pretraining_tp", raw["pretraining_tp"], "only 1 is implemented")
+
+    num_heads = int(raw["num_attention_heads"])
+    num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
+    if num_heads % num_kv_heads:
+        raise _refuse("num_key_value_heads", num_kv_heads, f"must divide num_attention_heads={num_heads}")
+    hidden = int(raw["hidden_size"])
+    head_dim = int(raw.get("head_dim") or hidden // num_heads)
+
+    sliding_window: int | None = None
+    if arch == "qwen2" and raw.get("use_sliding_window"):
+        raise _refuse("use_sliding_window", True, "Qwen2's per-layer sliding window is not implemented")
+    if arch == "mistral" and raw.get("sliding_window") is not None:
+        sliding_window = int(raw["sliding_window"])
+
+    eos = _eos_ids((generation_config or {}).get("eos_token_id")) or _eos_ids(raw.get("eos_token_id"))
+    attention_bias = bool(raw.get("attention_bias", False)) or arch == "qwen2"
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(raw["intermediate_size"]),
+        num_hidden_layers=int(raw["num_hidden_layers"]),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope=_rope_from_hf(raw),
+        attention_bias=attention_bias,
+        o_proj_bias=bool(raw.get("attention_bias", False)) and arch != "qwen2",
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=sliding_window,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos,
+    )
