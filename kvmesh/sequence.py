@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import itertools
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -16,7 +16,7 @@ from kvmesh.tokenizer import Tokenizer
 _ids = itertools.count()
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"
     """A stop token, an end-of-sequence token or a stop string."""
     LENGTH = "length"
