@@ -1,0 +1,104 @@
+"""Registry of live workers: register, heartbeat, expire, list by role.
+
+Soft state: losing it is harmless, because a worker whose heartbeat comes back `known=False`
+registers again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class WorkerRole(enum.Enum):
+    """What a worker does."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's load at its last heartbeat."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks_free: int = 0
+    num_blocks_total: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker as the registry knows it."""
+
+    worker_id: str
+    role: WorkerRole
+    address: str
+    """gRPC address, `host:port`."""
+    host_id: str = ""
+    """Workers with the same host_id can use shared memory between them."""
+    transports: tuple[str, ...] = ()
+    load: WorkerLoad = WorkerLoad()
+
+
+@dataclass
+class _Record:
+    worker: WorkerInfo
+    last_seen_s: float
+    """Clock time of the last register or heartbeat, in seconds."""
+
+
+class WorkerRegistry:
+    """Live workers by id.
+
+    A worker is live for expiry_ms after its last register or heartbeat. list_workers never returns an
+    expired worker even between sweeps; expire() only frees the memory and reports who went away.
+    """
+
+    def __init__(self, expiry_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """clock returns seconds (monotonic); tests pass a fake one."""
+        if expiry_ms <= 0:
+            raise ValueError(f"expiry_ms must be positive, got {expiry_ms}")
+        self._expiry_s = expiry_ms / 1000.0
+        self._clock = clock
+        self._records: dict[str, _Record] = {}
+
+    def register(self, worker: WorkerInfo) -> None:
+        """Adds the worker, or replaces the record with the same worker_id (a restarted worker)."""
+        self._records[worker.worker_id] = _Record(worker, self._clock())
+
+    def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
+        """Renews a live worker and updates its load; False when the worker is unknown or expired."""
+        record = self._records.get(worker_id)
+        now = self._clock()
+        if record is None or self._is_expired(record, now):
+            # NOTE: an expired worker must re-register rather than come back silently: the store may
+            # have dropped what it knew about it, and re-registering makes it re-send its inventory.
+            self._records.pop(worker_id, None)
+            return False
+        record.worker = dataclasses.replace(record.worker, load=load)
+        record.last_seen_s = now
+        return True
+
+    def expire(self) -> list[str]:
+        """Drops the workers whose heartbeat is overdue; returns their ids."""
+        now = self._clock()
+        expired = [worker_id for worker_id, r in self._records.items() if self._is_expired(r, now)]
+        for worker_id in expired:
+            del self._records[worker_id]
+        return expired
+
+    def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
+        """Live workers of one role (None: all), ordered by worker_id."""
+        now = self._clock()
+        return [
+            r.worker
+            for _, r in sorted(self._records.items())
+            if not self._is_expired(r, now) and (role is None or r.worker.role == role)
+        ]
+
+    def _is_expired(self, record: _Record, now: float) -> bool:
+        return now - record.last_seen_s > self._expiry_s

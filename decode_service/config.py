@@ -1,0 +1,24 @@
+"""Decode worker settings, read once at the process edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmesh.server import ServerConfig
+from kvmesh.worker_config import ModelSettings, RegistrationSettings
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    server: ServerConfig
+    model: ModelSettings
+    registration: RegistrationSettings
+    max_batch_size: int = 32
+    """Most sequences decoded in one forward pass."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens a request may ask for."""
+    metrics_port: int | None = None
+    """Prometheus metrics port; None: no metrics server."""
+    kv_quarantine_s: float = 2.0
+    """Seconds the blocks of a cancelled shared-memory transfer stay out of the pool, so a prefill worker's
+    late write can never land in blocks that another request already owns."""

@@ -1,0 +1,96 @@
+"""Tracing and metrics set-up, shared by every role.
+
+Tracing: an OpenTelemetry TracerProvider, with grpc.aio servers and channels instrumented so the W3C
+`traceparent` travels over every hop. No OTLP exporter is installed; `OTEL_TRACES_EXPORTER=console`
+prints spans, and tests attach their own processor (add_span_processor).
+
+Metrics: OpenTelemetry instruments (GenAI names) are exported through prometheus_client's default
+registry, next to any prometheus_client metric, and served by start_metrics_server.
+
+NOTE: OpenTelemetry providers and the grpc instrumentation are process-wide, so set-up happens once per
+process; in embedded mode (all roles in one process) the first role's service name wins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import prometheus_client
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+from opentelemetry.instrumentation.grpc import filters as grpc_filters
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+
+@dataclass(frozen=True)
+class _Telemetry:
+    service_name: str
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+
+_telemetry: _Telemetry | None = None
+
+
+def _not_infrastructure() -> grpc_filters.Condition:
+    # Health polls and reflection would drown the request traces; they carry no request.
+    return grpc_filters.negate(
+        grpc_filters.any_of(grpc_filters.health_check(), grpc_filters.service_prefix("grpc.reflection."))
+    )
+
+
+def setup_telemetry(service_name: str) -> TracerProvider:
+    """Installs the tracer and meter providers and instruments grpc.aio; idempotent.
+
+    Must run before the first grpc.aio server or channel is created, or those go untraced.
+    """
+    global _telemetry
+    if _telemetry is not None:
+        return _telemetry.tracer_provider
+    resource = Resource.create({SERVICE_NAME: service_name})
+    tracer_provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
+        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(tracer_provider)
+    # PrometheusMetricReader registers itself with prometheus_client's default registry.
+    meter_provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
+    metrics.set_meter_provider(meter_provider)
+
+    GrpcAioInstrumentorServer(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
+    GrpcAioInstrumentorClient(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
+    _telemetry = _Telemetry(service_name, tracer_provider, meter_provider)
+    return tracer_provider
+
+
+def add_span_processor(processor: SpanProcessor) -> None:
+    """Attaches a span processor (tests: SimpleSpanProcessor(InMemorySpanExporter())).
+
+    Raises RuntimeError before setup_telemetry.
+    """
+    if _telemetry is None:
+        raise RuntimeError("call setup_telemetry() before add_span_processor()")
+    _telemetry.tracer_provider.add_span_processor(processor)
+
+
+def tracer(name: str) -> trace.Tracer:
+    """A tracer for one module (pass __name__); a no-op tracer before setup_telemetry."""
+    return trace.get_tracer(name)
+
+
+def meter(name: str) -> metrics.Meter:
+    """A meter for one module (pass __name__); its instruments appear on the metrics port."""
+    return metrics.get_meter(name)
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
+    """Serves prometheus_client's default registry over HTTP (/metrics) on a daemon thread.
+
+    port 0 picks a free port; returns the bound port.
+    """
+    http_server, _thread = prometheus_client.start_http_server(port, addr=host)
+    return int(http_server.server_port)

@@ -1,0 +1,17 @@
+"""Prefill worker settings, read once at the process edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmesh.server import ServerConfig
+from kvmesh.worker_config import ModelSettings, RegistrationSettings
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    server: ServerConfig
+    model: ModelSettings
+    registration: RegistrationSettings
+    metrics_port: int | None = None
+    """Prometheus metrics port; None: no metrics server."""
