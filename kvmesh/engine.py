@@ -14,6 +14,7 @@ The protocol the workers build on:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,10 @@ class Engine:
         model: CausalLM,
         tokenizer: Tokenizer,
         config: EngineConfig = EngineConfig(),
-        pool_storage: torch.Tensor | None = None,
+        make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None,
     ) -> None:
+        """make_pool_storage, when given, allocates the pool tensor for the layout the engine decides on
+        (shared memory, so that another process can write KV straight into it)."""
         self.model = model
         self.tokenizer = tokenizer
         self.engine_config = config
@@ -76,7 +79,9 @@ class Engine:
             raise ValueError(
                 f"a KV budget of {config.kv_cache_bytes} bytes holds no block of {layout.bytes_per_block}"
             )
-        self.pool = KVPool(layout.with_blocks(num_blocks), self.device, pool_storage)
+        layout = layout.with_blocks(num_blocks)
+        storage = make_pool_storage(layout) if make_pool_storage else None
+        self.pool = KVPool(layout, self.device, storage)
         self.stop_checker = StopChecker(tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
 
     @classmethod
@@ -90,14 +95,14 @@ class Engine:
         num_blocks: int | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         prefill_chunk_size: int = 512,
-        pool_storage: torch.Tensor | None = None,
+        make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None,
     ) -> Engine:
         """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)."""
         path = Path(path)
         model = load_model(path, parse_dtype(dtype), device)
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
         config = EngineConfig(block_size, num_blocks, kv_cache_bytes, prefill_chunk_size)
-        return cls(model, tokenizer, config, pool_storage)
+        return cls(model, tokenizer, config, make_pool_storage)
 
     # ---- what the engine reports -------------------------------------------------------------
 

@@ -165,6 +165,7 @@ class RunningServer:
     """The bound port (the real one when the config asked for port 0)."""
     service_names: tuple[str, ...]
     _background: list[asyncio.Task[Any]] = field(default_factory=list)
+    _on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopping: bool = False
 
     @property
@@ -184,6 +185,10 @@ class RunningServer:
         """Ties a background task (heartbeats, expiry sweeps) to the server: stop() cancels it."""
         self._background.append(task)
 
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Runs callback after the server has stopped (releasing shared memory, closing files)."""
+        self._on_stop.append(callback)
+
     async def stop(self, grace_s: float | None) -> None:
         """Reports NOT_SERVING, stops background tasks, then lets in-flight calls finish for grace_s.
 
@@ -198,6 +203,8 @@ class RunningServer:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.server.stop(grace_s)
+        for callback in self._on_stop:
+            callback()
 
     async def wait_for_termination(self) -> None:
         """Returns once the server has stopped."""

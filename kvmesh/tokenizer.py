@@ -40,34 +40,56 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas, safe to show as they come.
 
-    A token can end inside a multi-byte character; such a tail decodes to U+FFFD and is held back
-    until the next token completes it, so a client never sees a broken character.
+    Held back until the next token: a tail that ends inside a multi-byte character (it decodes to
+    U+FFFD), and a tail that could be the start of a stop string. Once a stop string appears, the
+    text ends before it. Each call decodes only the tokens since the last complete character.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...] = ()) -> None:
         self._tokenizer = tokenizer
+        self._stop_strings = stop_strings
         self._token_ids: list[int] = []
+        self._decoded_upto = 0
+        """Tokens before this index are decoded into self.text."""
+        self.text = ""
+        """All complete text so far, stop strings included."""
         self._num_chars_sent = 0
 
-    @property
-    def text(self) -> str:
-        return self._tokenizer.decode(self._token_ids)
-
     def add(self, token_ids: list[int]) -> str:
-        """Append tokens; return the new, complete text since the last call."""
+        """Append tokens; return the new text that is safe to send."""
         self._token_ids.extend(token_ids)
-        text = self._tokenizer.decode(self._token_ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self._num_chars_sent :]
-        self._num_chars_sent = len(text)
-        return delta
+        tail = self._tokenizer.decode(self._token_ids[self._decoded_upto :])
+        if not tail.endswith("\ufffd"):
+            self.text += tail
+            self._decoded_upto = len(self._token_ids)
+        return self._take(final=False)
 
     def flush(self) -> str:
-        """Whatever is held back, at the end of the stream."""
-        text = self._tokenizer.decode(self._token_ids)
-        delta = text[self._num_chars_sent :]
-        self._num_chars_sent = len(text)
+        """Everything still held back, at the end of the stream (an incomplete character included)."""
+        self.text += self._tokenizer.decode(self._token_ids[self._decoded_upto :])
+        self._decoded_upto = len(self._token_ids)
+        return self._take(final=True)
+
+    def _take(self, final: bool) -> str:
+        visible = len(self.text)
+        cut = min((i for i in (self.text.find(s) for s in self._stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            visible = cut
+        elif not final:
+            visible -= _stop_prefix_len(self.text, self._stop_strings)
+        delta = self.text[self._num_chars_sent : max(visible, self._num_chars_sent)]
+        self._num_chars_sent += len(delta)
         return delta
+
+
+def _stop_prefix_len(text: str, stop_strings: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string."""
+    longest = 0
+    for stop in stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

@@ -1,0 +1,98 @@
+"""The decode worker's side of a KV transfer: ask a prefill worker to fill the blocks it reserved."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from kvmesh.engine import Engine
+from kvmesh.kv_cache import num_blocks_for_tokens
+from kvmesh.protocol import layout_to_proto
+from kvmesh.sequence import Sequence
+from kvmesh.server import ServiceError
+from kvmesh.telemetry import tracer
+from kvmesh.transport.base import TransferError
+from kvmesh.transport.grpc_stream import KVChunk, KVChunkReceiver
+from kvmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
+
+_tracer = tracer(__name__)
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class PrefillClient:
+    """Channels to prefill workers (one per address, reused) and the transfer of one request's KV."""
+
+    def __init__(self, engine: Engine, shm_name: str, host_id: str) -> None:
+        self._engine = engine
+        self._shm_name = shm_name
+        self._host_id = host_id
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+        return prefill_pb2_grpc.PrefillStub(channel)
+
+    async def fetch(
+        self, request: decode_pb2.GenerateRequest, seq: Sequence, timeout_s: float | None
+    ) -> prefill_pb2.PrefillDone:
+        """Have the prefill worker compute the KV of all prompt tokens but the last into seq's blocks.
+
+        The last prompt token is left for the decode loop, whose first step then yields the first
+        token's logits. Raises grpc errors of the prefill call as they are (UNAVAILABLE is retried by
+        the gateway), ServiceError(DATA_LOSS) when the bytes arrive corrupted.
+        """
+        tokens = seq.token_ids[: len(seq) - 1]
+        block_ids = seq.block_table[: num_blocks_for_tokens(len(tokens), self._engine.block_size)]
+        destination = prefill_pb2.KVDestination(
+            transport=request.transport,
+            shm_name=self._shm_name if request.transport == "shm" else "",
+            block_ids=block_ids,
+            layout=layout_to_proto(self._engine.pool.layout),
+            host_id=self._host_id,
+        )
+        call = self._stub(request.prefill_address).Prefill(
+            prefill_pb2.PrefillRequest(
+                request_id=request.request_id, token_ids=tokens, destination=destination
+            ),
+            timeout=timeout_s,
+        )
+        with _tracer.start_as_current_span("transfer") as span:
+            span.set_attribute("kvmesh.transport", request.transport)
+            span.set_attribute("kvmesh.num_tokens", len(tokens))
+            receiver: KVChunkReceiver | None = None
+            started = time.perf_counter()
+            try:
+                async for message in call:
+                    if message.HasField("data"):
+                        receiver = receiver or KVChunkReceiver(self._engine.pool, block_ids)
+                        data = message.data
+                        receiver.add(KVChunk(data.offset_bytes, data.payload, data.crc32))
+                        continue
+                    done = message.done
+                    if request.transport == "grpc":
+                        receiver = receiver or KVChunkReceiver(self._engine.pool, block_ids)
+                        receiver.finish(done.num_bytes, done.crc32)
+                        # The prefill worker times only its side; the stream's time is measured here.
+                        done.transfer_ms = (time.perf_counter() - started) * 1000.0 - done.prefill_ms
+                    span.set_attribute("kvmesh.num_bytes", done.num_bytes)
+                    return done
+            except TransferError as error:
+                raise ServiceError(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {error}") from error
+            finally:
+                call.cancel()  # no-op once the call finished; otherwise cancellation reaches the prefill worker
+        raise ServiceError(
+            grpc.StatusCode.UNAVAILABLE, "prefill worker ended the stream without a done message"
+        )
+
+    async def close_on_cancel(self) -> None:
+        """A background task whose cancellation (server stop) closes every channel."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for channel in self._channels.values():
+                await channel.close()

@@ -1,0 +1,190 @@
+"""gRPC edge of the decode worker: kvmesh.v1.Decode over the engine and its decode loop.
+
+Generate walks one request through: validate -> reserve the prompt's blocks -> have a prefill worker
+fill them (or leave the prompt to the loop) -> join the decode loop -> stream tokens. Whatever happens,
+the `finally` hands the sequence back to the loop, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from cache_store.registry import WorkerLoad, WorkerRole
+from decode_service.config import DecodeConfig
+from decode_service.kv_fetch import PrefillClient
+from decode_service.scheduler import DecodeLoop, TokenEvent
+from kvmesh.engine import Engine
+from kvmesh.kv_cache import KVLayout, OutOfBlocks
+from kvmesh.protocol import FINISH_REASON_TO_PROTO, invalid, sampling_from_proto
+from kvmesh.registration import keep_registered, worker_info
+from kvmesh.sequence import Sequence
+from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.telemetry import start_metrics_server, tracer
+from kvmesh.tokenizer import Detokenizer
+from kvmesh.transport.shm import SharedKVPool
+from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
+_tracer = tracer(__name__)
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(
+        self, engine: Engine, loop: DecodeLoop, prefill: PrefillClient, config: DecodeConfig
+    ) -> None:
+        self._engine = engine
+        self._loop = loop
+        self._prefill = prefill
+        self._config = config
+        self.num_waiting = 0
+        """Requests admitted but not yet decoding (reserving, waiting for their KV)."""
+
+    async def Generate(  # noqa: N802 (generated name)
+        self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.GenerateChunk]:
+        arrived = time.perf_counter()
+        seq = self._admit(request)
+        usage = common_pb2.Usage(prompt_tokens=len(seq), completion_tokens=0)
+        quarantine_s = 0.0
+        self.num_waiting += 1
+        waiting = True
+        try:
+            try:
+                await self._loop.call(lambda: self._engine.reserve(seq, len(seq)))
+            except OutOfBlocks as error:
+                raise ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"decode worker KV pool is full ({error.num_needed} blocks needed, {error.num_free} free); "
+                    "retry later or on another worker",
+                ) from error
+            if request.prefill_address and len(seq) > 1:
+                quarantine_s = self._config.kv_quarantine_s if request.transport == "shm" else 0.0
+                done = await self._prefill.fetch(request, seq, deadline_s(context))
+                quarantine_s = 0.0  # the prefill worker has finished writing
+                seq.num_computed_tokens = len(seq) - 1
+                usage.prefilled_tokens = done.num_tokens
+                usage.stage_ms.prefill_ms = done.prefill_ms
+                usage.stage_ms.transfer_ms = done.transfer_ms
+                usage.transfer_bytes = done.num_bytes
+                usage.transport = request.transport
+            else:
+                usage.prefilled_tokens = len(seq)
+            self.num_waiting -= 1
+            waiting = False
+            stream = self._loop.join(seq)
+            async for chunk in self._stream_tokens(stream.events, seq, usage):
+                yield chunk
+            usage.forward_passes = stream.num_forward_passes
+            usage.ttft_ms = _ms((stream.first_token_at or arrived) - arrived)
+            usage.stage_ms.queue_ms = _ms((stream.first_step_at or arrived) - stream.joined_at)
+            usage.stage_ms.decode_ms = _ms(time.perf_counter() - (stream.first_token_at or arrived))
+            if not request.prefill_address:
+                usage.stage_ms.prefill_ms = usage.ttft_ms
+            yield decode_pb2.GenerateChunk(
+                finish_reason=FINISH_REASON_TO_PROTO[seq.finish_reason], usage=usage
+            )
+        finally:
+            self.num_waiting -= waiting
+            self._loop.release_soon(seq, quarantine_s)
+
+    def _admit(self, request: decode_pb2.GenerateRequest) -> Sequence:
+        prompt = list(request.prompt_token_ids)
+        vocab = self._engine.config.vocab_size
+        if not prompt:
+            raise invalid("prompt_token_ids is empty: send at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise invalid(f"prompt_token_ids must be in [0, {vocab}); got a token out of range")
+        if request.prefill_address and request.transport not in self._config.registration.transports:
+            raise invalid(
+                f"transport {request.transport!r} is not offered by this worker "
+                f"(offered: {', '.join(self._config.registration.transports)})"
+            )
+        params = sampling_from_proto(request.sampling, 64, self._config.max_tokens_limit)
+        try:
+            return self._engine.add_sequence(prompt, params)
+        except ValueError as error:
+            raise invalid(f"prompt_token_ids: {error}") from error
+
+    async def _stream_tokens(
+        self, events: asyncio.Queue[TokenEvent | BaseException], seq: Sequence, usage: common_pb2.Usage
+    ) -> AsyncIterator[decode_pb2.GenerateChunk]:
+        """Token events -> chunks; whatever is queued when the client reads goes out in one message."""
+        detok = Detokenizer(self._engine.tokenizer, seq.params.stop_strings)
+        while True:
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            for event in batch:
+                if isinstance(event, OutOfBlocks):
+                    raise ServiceError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "decode worker KV pool ran out of blocks while generating; retry on another worker",
+                    )
+                if isinstance(event, BaseException):
+                    raise event
+            tokens = [e.token_id for e in batch if isinstance(e, TokenEvent)]
+            finished = any(isinstance(e, TokenEvent) and e.finish_reason is not None for e in batch)
+            usage.completion_tokens += len(tokens)
+            text = detok.add(tokens) + (detok.flush() if finished else "")
+            yield decode_pb2.GenerateChunk(token_ids=tokens, text=text)
+            if finished:
+                return
+
+    def load(self) -> WorkerLoad:
+        usage = self._engine.pool_usage()
+        return WorkerLoad(
+            self._loop.num_running, self.num_waiting, usage.num_blocks_free, usage.num_blocks_total
+        )
+
+
+async def serve(config: DecodeConfig) -> RunningServer:
+    """Load the model, start the decode loop and the server, join the mesh, report SERVING."""
+    torch.set_num_threads(config.model.num_threads)
+    shared: list[SharedKVPool] = []
+
+    def shared_storage(layout: KVLayout) -> torch.Tensor:
+        pool, handle = SharedKVPool.create(layout)
+        shared.append(handle)
+        return pool.kv
+
+    engine = Engine.from_pretrained(
+        config.model.path,
+        config.model.dtype,
+        config.model.device,
+        block_size=config.model.block_size,
+        num_blocks=config.model.num_blocks,
+        kv_cache_bytes=config.model.kv_cache_bytes,
+        prefill_chunk_size=config.model.prefill_chunk_size,
+        make_pool_storage=shared_storage if "shm" in config.registration.transports else None,
+    )
+    engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
+    loop = DecodeLoop(engine, config.max_batch_size)
+    prefill = PrefillClient(engine, shared[0].name if shared else "", config.registration.host_id)
+    servicer = DecodeServicer(engine, loop, prefill, config)
+    running = await start_server(
+        [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], [SERVICE_NAME], config.server
+    )
+    running.add_background_task(loop.start())
+    worker = worker_info(config.registration, WorkerRole.DECODE, running.port)
+    running.add_background_task(
+        asyncio.create_task(keep_registered(config.registration, worker, servicer.load))
+    )
+    running.add_background_task(asyncio.create_task(prefill.close_on_cancel()))
+    for handle in shared:
+        running.on_stop(handle.close)
+    if config.metrics_port is not None:
+        start_metrics_server(config.metrics_port)
+    await running.set_serving()
+    logger.info("decode worker %s serving", worker.worker_id)
+    return running

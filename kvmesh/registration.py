@@ -1,0 +1,65 @@
+"""A worker's membership in the mesh: register with the cache store, then heartbeat its load.
+
+The cache store is soft state: when it forgets a worker (restart, expiry), the next heartbeat answers
+`known=false` and the worker registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from cache_store.registry import WorkerInfo, WorkerLoad, WorkerRole
+from cache_store.server import load_to_proto, worker_to_proto
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+from kvmesh.worker_config import RegistrationSettings
+
+logger = logging.getLogger(__name__)
+
+RETRY_S = 0.5
+"""Pause before trying again when the cache store cannot be reached, in seconds."""
+CALL_TIMEOUT_S = 2.0
+
+
+def worker_info(settings: RegistrationSettings, role: WorkerRole, port: int) -> WorkerInfo:
+    address = f"{settings.advertise_host}:{port}"
+    return WorkerInfo(
+        worker_id=settings.worker_id or f"{role.value}@{address}",
+        role=role,
+        address=address,
+        host_id=settings.host_id,
+        transports=settings.transports,
+    )
+
+
+async def keep_registered(
+    settings: RegistrationSettings, worker: WorkerInfo, load: Callable[[], WorkerLoad]
+) -> None:
+    """Register, then heartbeat every interval the cache store asks for; runs until cancelled."""
+    async with grpc.aio.insecure_channel(settings.cache_store_address) as channel:
+        stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+        registered = False
+        interval_s = RETRY_S
+        while True:
+            try:
+                if not registered:
+                    reply = await stub.Register(
+                        cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)),
+                        timeout=CALL_TIMEOUT_S,
+                    )
+                    interval_s = reply.heartbeat_interval_ms / 1000.0
+                    registered = True
+                    logger.info("registered %s with the cache store", worker.worker_id)
+                heartbeat = await stub.Heartbeat(
+                    cache_store_pb2.HeartbeatRequest(worker_id=worker.worker_id, load=load_to_proto(load())),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                registered = heartbeat.known
+                await asyncio.sleep(interval_s if registered else 0)
+            except grpc.aio.AioRpcError as error:
+                logger.warning("cache store %s: %s", settings.cache_store_address, error.code().name)
+                registered = False
+                await asyncio.sleep(RETRY_S)
