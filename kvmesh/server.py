@@ -190,7 +190,7 @@ class RunningServer:
         self._on_stop.append(callback)
 
     async def stop(self, grace_s: float | None) -> None:
-        """Reports NOT_SERVING, stops background tasks, then lets in-flight calls finish for grace_s.
+        """Reports NOT_SERVING, lets in-flight calls finish for grace_s, then stops background tasks.
 
         Safe to call more than once; later calls return at once.
         """
@@ -199,10 +199,11 @@ class RunningServer:
         self._stopping = True
         # Health first, so load balancers stop sending new calls while old ones drain.
         await self.health.enter_graceful_shutdown()
+        # NOTE: background tasks (a decode loop) may be what in-flight calls wait on: they stop last.
+        await self.server.stop(grace_s)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.server.stop(grace_s)
         for callback in self._on_stop:
             callback()
 

@@ -1,0 +1,118 @@
+"""The four roles as real gRPC servers on loopback (port 0), hosted by one background event loop.
+
+Tests talk to them through real channels, as a client would; the harness only starts and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cache_store.registry import WorkerLoad
+from cache_store.server import CacheStoreConfig
+from cache_store.server import serve as serve_cache_store
+from decode_service.config import DecodeConfig
+from decode_service.server import serve as serve_decode
+from gateway.config import GatewayConfig
+from gateway.server import serve as serve_gateway
+from kvmesh.server import RunningServer, ServerConfig
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+from kvmesh.worker_config import ModelSettings, RegistrationSettings
+from prefill_service.config import PrefillConfig
+from prefill_service.server import serve as serve_prefill
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    model_path: str
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_blocks: int = 256
+    block_size: int = 16
+    worker_transports: tuple[str, ...] = ("shm", "grpc")
+    gateway: dict[str, Any] = field(default_factory=dict)
+    """Extra GatewayConfig fields."""
+
+
+class MeshInThread:
+    def __init__(self, spec: MeshSpec) -> None:
+        self.spec = spec
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mesh", daemon=True)
+        self.servers: dict[str, RunningServer] = {}
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout_s)
+
+    def __enter__(self) -> MeshInThread:
+        self._thread.start()
+        self.run(self._start())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.run(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def gateway_address(self) -> str:
+        return self.servers["gateway"].address
+
+    async def _start(self) -> None:
+        spec = self.spec
+        self.servers["cache-store"] = await serve_cache_store(
+            CacheStoreConfig(heartbeat_interval_ms=100, expiry_ms=1000)
+        )
+        model = ModelSettings(path=spec.model_path, num_blocks=spec.num_blocks, block_size=spec.block_size)
+        registration = RegistrationSettings(
+            cache_store_address=self.servers["cache-store"].address, transports=spec.worker_transports
+        )
+        for i in range(spec.num_prefill):
+            self.servers[f"prefill-{i}"] = await serve_prefill(PrefillConfig(ServerConfig(), model, registration))
+        for i in range(spec.num_decode):
+            self.servers[f"decode-{i}"] = await serve_decode(DecodeConfig(ServerConfig(), model, registration))
+        gateway = GatewayConfig(
+            server=ServerConfig(),
+            cache_store_address=self.servers["cache-store"].address,
+            model_path=spec.model_path,
+            refresh_ms=100,
+            **spec.gateway,
+        )
+        self.servers["gateway"] = await serve_gateway(gateway)
+        await self._wait_for_workers()
+
+    async def _wait_for_workers(self) -> None:
+        expected = self.spec.num_prefill + self.spec.num_decode
+        for _ in range(200):
+            if len(await self.worker_loads()) == expected:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("workers did not register with the cache store")
+
+    async def worker_loads(self) -> dict[str, WorkerLoad]:
+        """Each live worker's load as its last heartbeat told the cache store."""
+        import grpc
+
+        async with grpc.aio.insecure_channel(self.servers["cache-store"].address) as channel:
+            reply = await cache_store_pb2_grpc.CacheStoreStub(channel).ListWorkers(
+                cache_store_pb2.ListWorkersRequest(), timeout=5
+            )
+        return {
+            w.worker_id: WorkerLoad(w.load.num_running, w.load.num_waiting, w.load.num_blocks_free, w.load.num_blocks_total)
+            for w in reply.workers
+        }
+
+    async def stop_server(self, name: str, grace_s: float = 0.0) -> None:
+        await self.servers.pop(name).stop(grace_s)
+
+    async def _stop(self) -> None:
+        for name in ("gateway", *[n for n in self.servers if n.startswith(("decode", "prefill"))], "cache-store"):
+            if name in self.servers:
+                await self.servers.pop(name).stop(0.5)
