@@ -103,8 +103,11 @@ def paged_attention(
 
     num_seqs, max_blocks = batch.block_tables.shape
     # [B, max_blocks, block_size, H_kv, D] -> [B, H_kv, max_ctx, D]
-    keys = k_cache[batch.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[batch.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # NOTE: index_select along the block dimension copies whole blocks; generic advanced indexing
+    # (k_cache[block_tables]) is several times slower for the same bytes.
+    flat_tables = batch.block_tables.view(-1)
+    keys = k_cache.index_select(0, flat_tables).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, flat_tables).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     queries = q[batch.query_index].transpose(1, 2)  # [B, H, max_q, D]
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1]

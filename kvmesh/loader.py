@@ -79,14 +79,23 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         model = CausalLM(config)
     expected = {name for name, _ in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
     for file in safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
                 for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     if name in expected:
                         state[name] = reader.get_tensor(name).to(torch_dtype)
+                    elif not (name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"):
+                        # inv_freq: a buffer some old checkpoints saved; lm_head: a tied copy.
+                        unexpected.append(name)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
+    if unexpected:
+        # NOTE: refused, not ignored: weights the config does not declare (biases, say) would otherwise
+        # be dropped silently and the model would compute something else than it was trained to.
+        shown = ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(f"{path}: the safetensors files hold weights config.json does not declare: {shown}")
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state.pop("lm_head.weight", None)
