@@ -65,21 +65,27 @@ class PrefillClient:
             span.set_attribute("kvmesh.transport", request.transport)
             span.set_attribute("kvmesh.num_tokens", len(tokens))
             receiver: KVChunkReceiver | None = None
+            done: prefill_pb2.PrefillDone | None = None
             started = time.perf_counter()
             try:
                 async for message in call:
+                    if done is not None:
+                        raise ServiceError(grpc.StatusCode.DATA_LOSS, "prefill worker sent data after its done message")
                     if message.HasField("data"):
                         receiver = receiver or KVChunkReceiver(self._engine.pool, block_ids)
                         data = message.data
                         receiver.add(KVChunk(data.offset_bytes, data.payload, data.crc32))
                         continue
                     done = message.done
+                    # NOTE: keep reading until the prefill worker closes the stream: cancelling right after
+                    # `done` would leave its handler stuck at its last yield.
                     if request.transport == "grpc":
                         receiver = receiver or KVChunkReceiver(self._engine.pool, block_ids)
                         receiver.finish(done.num_bytes, done.crc32)
                         # The prefill worker times only its side; the stream's time is measured here.
                         done.transfer_ms = (time.perf_counter() - started) * 1000.0 - done.prefill_ms
                     span.set_attribute("kvmesh.num_bytes", done.num_bytes)
+                if done is not None:
                     return done
             except TransferError as error:
                 raise ServiceError(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {error}") from error

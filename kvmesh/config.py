@@ -15,6 +15,10 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or malformed; the message names the file."""
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's config asks for something this model does not implement; the message names the field."""
 

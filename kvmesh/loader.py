@@ -9,14 +9,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kvmesh.config import ModelConfig, model_config_from_hf
+from kvmesh.config import CheckpointError, ModelConfig, model_config_from_hf
 from kvmesh.model import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or malformed; the message names the file."""
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from kvmesh.loader import CheckpointError
+from kvmesh.config import CheckpointError
 
 
 class Tokenizer:

@@ -54,15 +54,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> AsyncIterator[prefill_pb2.PrefillChunk]:
         dest = self._destination(request)
         seq = self._new_sequence(request)
-        self.num_waiting += 1
         try:
-            async with self._lock:
+            self.num_waiting += 1
+            try:
+                await self._lock.acquire()
+            finally:
                 self.num_waiting -= 1
-                self.num_running += 1
-                try:
-                    prefill_ms = await self._compute(seq)
-                finally:
-                    self.num_running -= 1
+            self.num_running += 1
+            try:
+                prefill_ms = await self._compute(seq)
+            finally:
+                self.num_running -= 1
+                self._lock.release()
             with _tracer.start_as_current_span("ship") as span:
                 span.set_attribute("kvmesh.transport", dest.transport)
                 started = time.perf_counter()

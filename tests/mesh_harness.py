@@ -19,7 +19,7 @@ from decode_service.config import DecodeConfig
 from decode_service.server import serve as serve_decode
 from gateway.config import GatewayConfig
 from gateway.server import serve as serve_gateway
-from kvmesh.server import RunningServer, ServerConfig
+from kvmesh.server import RunningServer, ServerConfig, wait_for_serving
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 from kvmesh.worker_config import ModelSettings, RegistrationSettings
 from prefill_service.config import PrefillConfig
@@ -78,6 +78,7 @@ class MeshInThread:
             self.servers[f"prefill-{i}"] = await serve_prefill(PrefillConfig(ServerConfig(), model, registration))
         for i in range(spec.num_decode):
             self.servers[f"decode-{i}"] = await serve_decode(DecodeConfig(ServerConfig(), model, registration))
+        await self._wait_for_workers()  # so the gateway's first look at the pools sees every worker
         gateway = GatewayConfig(
             server=ServerConfig(),
             cache_store_address=self.servers["cache-store"].address,
@@ -86,7 +87,7 @@ class MeshInThread:
             **spec.gateway,
         )
         self.servers["gateway"] = await serve_gateway(gateway)
-        await self._wait_for_workers()
+        await wait_for_serving(self.servers["gateway"].address, timeout_s=30)
 
     async def _wait_for_workers(self) -> None:
         expected = self.spec.num_prefill + self.spec.num_decode

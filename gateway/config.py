@@ -1,0 +1,62 @@
+"""Gateway settings, read once at the process edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmesh.server import ServerConfig
+
+TRANSPORT_CHOICES = ("auto", "shm", "grpc")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig
+    """Where the public gRPC server listens."""
+    cache_store_address: str
+    """host:port of the cache store, where the gateway learns the live workers."""
+    model_path: str
+    """Checkpoint directory; the gateway reads only its tokenizer.json and config.json, never the weights."""
+    max_tokens_limit: int = 1024
+    """Largest sampling.max_tokens a request may ask for, in tokens."""
+    default_max_tokens: int = 64
+    """Tokens generated when a request leaves sampling.max_tokens at 0."""
+    max_request_bytes: int = 1024 * 1024
+    """Largest serialized request accepted, in bytes."""
+    request_timeout_s: float = 60.0
+    """Deadline of a request whose client set none, in seconds."""
+    refresh_ms: int = 500
+    """How often the worker list is re-read from the cache store, in milliseconds."""
+    use_prefill_min_tokens: int = 0
+    """Prompts shorter than this many tokens are prefilled by the decode worker itself; 0: a prefill worker
+    is used whenever one is registered."""
+    transport: str = "auto"
+    """KV transport between prefill and decode worker: "auto" (shm on the same host, else grpc), "shm"
+    (only prefill workers on the decode worker's host are used) or "grpc"."""
+    max_attempts: int = 3
+    """Tries per request when a worker is UNAVAILABLE, the first one included."""
+    metrics_port: int | None = None
+    """Prometheus metrics port; None: no metrics server."""
+
+    def __post_init__(self) -> None:
+        if not self.cache_store_address:
+            raise ValueError("cache_store_address is empty: set the cache store's host:port")
+        if not 0 < self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError(
+                f"need 0 < default_max_tokens ({self.default_max_tokens}) <= "
+                f"max_tokens_limit ({self.max_tokens_limit})"
+            )
+        if self.max_request_bytes <= 0:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.refresh_ms <= 0:
+            raise ValueError(f"refresh_ms must be positive, got {self.refresh_ms}")
+        if self.use_prefill_min_tokens < 0:
+            raise ValueError(f"use_prefill_min_tokens must be >= 0, got {self.use_prefill_min_tokens}")
+        if self.transport not in TRANSPORT_CHOICES:
+            raise ValueError(
+                f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}"
+            )
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")

@@ -1,0 +1,235 @@
+"""The gateway's view of the workers: who is live, how loaded, and a channel to each.
+
+The cache store is the source of truth for who is live (workers register and heartbeat there); the pool
+re-reads it every refresh_ms and picks the least loaded worker of a role. Reported loads are only as
+fresh as the last heartbeat, so the pool also counts the requests this gateway has in flight to each
+worker: a burst between two heartbeats spreads out instead of piling onto one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from cache_store.registry import WorkerInfo, WorkerRole
+from cache_store.server import worker_from_proto
+from kvmesh.server import ServiceError
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+ChannelOptions = Sequence[tuple[str, int | str]]
+
+
+def choose_transport(prefill_worker: WorkerInfo, decode_worker: WorkerInfo) -> str:
+    """KV transport for a pair of workers: "shm" when both offer it on the same host, else "grpc"."""
+    same_host = bool(prefill_worker.host_id) and prefill_worker.host_id == decode_worker.host_id
+    if same_host and "shm" in prefill_worker.transports and "shm" in decode_worker.transports:
+        return "shm"
+    return "grpc"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one attempt at a request goes."""
+
+    decode_worker: WorkerInfo
+    prefill_worker: WorkerInfo | None = None
+    """None: the decode worker prefills the prompt itself."""
+    transport: str = ""
+    """KV transport from the prefill worker to the decode worker; "" without a prefill worker."""
+
+
+@dataclass
+class _InFlight:
+    address: str
+    num_requests: int = 0
+
+
+class WorkerPool:
+    """Live workers by role, refreshed from the cache store's ListWorkers in a background task.
+
+    Between refreshes the list may hold a worker that just died; callers exclude a worker that failed
+    them (pick's exclude) rather than waiting for the next refresh.
+    """
+
+    def __init__(
+        self, cache_store_address: str, refresh_ms: int, channel_options: ChannelOptions = ()
+    ) -> None:
+        if refresh_ms <= 0:
+            raise ValueError(f"refresh_ms must be positive, got {refresh_ms}")
+        self._cache_store_address = cache_store_address
+        self._refresh_s = refresh_ms / 1000.0
+        self._channel_options = list(channel_options)
+        self._workers: list[WorkerInfo] = []
+        self._in_flight: dict[str, _InFlight] = {}  # by worker_id
+        self._channels: dict[str, grpc.aio.Channel] = {}  # by address
+        self._stale_channels: list[grpc.aio.Channel] = []
+        self._store_channel: grpc.aio.Channel | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._refresh_failing = False
+
+    async def start(self) -> None:
+        """Reads the worker list once (a cache store that is not up yet is not an error), then keeps
+        refreshing it in the background until close()."""
+        self._store_channel = grpc.aio.insecure_channel(self._cache_store_address)
+        await self.refresh()
+        self._refresh_task = asyncio.create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        """Stops refreshing and closes every channel (which cancels calls still on them); idempotent."""
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            await asyncio.gather(self._refresh_task, return_exceptions=True)
+        channels = [*self._channels.values(), *self._stale_channels]
+        if self._store_channel is not None:
+            channels.append(self._store_channel)
+            self._store_channel = None
+        self._channels.clear()
+        self._stale_channels.clear()
+        await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
+
+    async def refresh(self) -> bool:
+        """One ListWorkers call; on failure the last known list stays. Returns whether it succeeded."""
+        if self._store_channel is None:
+            raise RuntimeError("call start() before refresh()")
+        stub = cache_store_pb2_grpc.CacheStoreStub(self._store_channel)
+        try:
+            # Bounded, so a hung cache store delays the next refresh by a second at most, not forever.
+            reply = await stub.ListWorkers(
+                cache_store_pb2.ListWorkersRequest(), timeout=max(self._refresh_s, 1.0)
+            )
+        except grpc.aio.AioRpcError as error:
+            if not self._refresh_failing:
+                logger.warning(
+                    "cannot list workers at %s (%s); keeping the last known %d",
+                    self._cache_store_address,
+                    error.code().name,
+                    len(self._workers),
+                )
+            self._refresh_failing = True
+            return False
+        if self._refresh_failing:
+            logger.info("cache store at %s answers again", self._cache_store_address)
+        self._refresh_failing = False
+        self.update(_decode_workers(reply.workers))
+        await self._close_stale_channels()
+        return True
+
+    def update(self, workers: Iterable[WorkerInfo]) -> None:
+        """Replaces the worker list (refresh calls it; tests call it directly)."""
+        self._workers = sorted(workers, key=lambda worker: worker.worker_id)
+        # NOTE: a channel is closed only once no live worker has its address and no call uses it:
+        # closing a channel cancels its calls, and a worker that misses one heartbeat may still stream.
+        live = {worker.address for worker in self._workers}
+        busy = {entry.address for entry in self._in_flight.values()}
+        for address in [a for a in self._channels if a not in live and a not in busy]:
+            self._stale_channels.append(self._channels.pop(address))
+
+    def workers(self, role: WorkerRole) -> list[WorkerInfo]:
+        """Live workers of one role, ordered by worker_id."""
+        return [worker for worker in self._workers if worker.role == role]
+
+    def pick(self, role: WorkerRole, exclude: AbstractSet[str] = frozenset()) -> WorkerInfo | None:
+        """The least loaded live worker of role whose worker_id is not in exclude; None when there is none.
+
+        Load is the worker's reported running + waiting requests plus this gateway's requests in flight
+        to it; ties go to the worker with the most free KV blocks, then to the lowest worker_id. The
+        result is not reserved: enter in_flight(worker) before the next await, or a burst of picks all
+        land on the same worker.
+        """
+        candidates = [w for w in self.workers(role) if w.worker_id not in exclude]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda w: (self.load(w), -w.load.num_blocks_free, w.worker_id))
+
+    def load(self, worker: WorkerInfo) -> int:
+        """Reported running + waiting requests plus this gateway's in-flight requests to the worker."""
+        # NOTE: this counts a request twice once a heartbeat reports it; the overcount is the same kind on
+        # every worker, so the order of picks stays right, and it never hides a burst the way max() would.
+        return worker.load.num_running + worker.load.num_waiting + self.num_in_flight(worker.worker_id)
+
+    def num_in_flight(self, worker_id: str) -> int:
+        entry = self._in_flight.get(worker_id)
+        return entry.num_requests if entry is not None else 0
+
+    @contextlib.contextmanager
+    def in_flight(self, worker: WorkerInfo) -> Iterator[None]:
+        """Counts one request of this gateway in flight to worker for the duration of the block."""
+        entry = self._in_flight.setdefault(worker.worker_id, _InFlight(worker.address))
+        entry.num_requests += 1
+        try:
+            yield
+        finally:
+            entry.num_requests -= 1
+            if entry.num_requests == 0:
+                del self._in_flight[worker.worker_id]
+
+    def channel(self, worker: WorkerInfo) -> grpc.aio.Channel:
+        """A shared channel to worker's address, created on first use."""
+        channel = self._channels.get(worker.address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(worker.address, options=self._channel_options)
+            self._channels[worker.address] = channel
+        return channel
+
+    async def _close_stale_channels(self) -> None:
+        stale, self._stale_channels = self._stale_channels, []
+        await asyncio.gather(*(channel.close() for channel in stale), return_exceptions=True)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            await self.refresh()
+
+
+def plan_route(
+    pool: WorkerPool,
+    num_prompt_tokens: int,
+    *,
+    use_prefill_min_tokens: int = 0,
+    transport: str = "auto",
+    exclude: AbstractSet[str] = frozenset(),
+) -> Route | None:
+    """Picks the decode worker and, for a long enough prompt, a prefill worker; None: no decode worker.
+
+    exclude holds the worker_ids that failed this request already; when every decode worker failed, the
+    least loaded one is tried again rather than giving up. transport is "auto", "shm" (only prefill
+    workers that can write to the decode worker's shared memory are used) or "grpc".
+    """
+    decode_worker = pool.pick(WorkerRole.DECODE, exclude) or pool.pick(WorkerRole.DECODE)
+    if decode_worker is None:
+        return None
+    if num_prompt_tokens < use_prefill_min_tokens:
+        return Route(decode_worker)
+    unfit = set(exclude)
+    if transport == "shm":
+        unfit.update(
+            worker.worker_id
+            for worker in pool.workers(WorkerRole.PREFILL)
+            if choose_transport(worker, decode_worker) != "shm"
+        )
+    # NOTE: a failed prefill worker is not retried: the decode worker can always prefill by itself.
+    prefill_worker = pool.pick(WorkerRole.PREFILL, unfit)
+    if prefill_worker is None:
+        return Route(decode_worker)
+    chosen = "grpc" if transport == "grpc" else choose_transport(prefill_worker, decode_worker)
+    return Route(decode_worker, prefill_worker, chosen)
+
+
+def _decode_workers(workers: Iterable[cache_store_pb2.WorkerInfo]) -> list[WorkerInfo]:
+    decoded = []
+    for proto in workers:
+        try:
+            decoded.append(worker_from_proto(proto))
+        except ServiceError as error:
+            # The cache store validates on Register, so this means a newer store with a role we don't know.
+            logger.warning("skipping worker %s from the cache store: %s", proto.worker_id, error.message)
+    return decoded

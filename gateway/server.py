@@ -1,0 +1,287 @@
+"""gRPC edge of the gateway: kvmesh.v1.Gateway (Complete, Edit) over the worker pool.
+
+Each method checks and decodes the request, lays out and tokenizes the prompt, routes it, and streams the
+decode worker's chunks back. Errors are ServiceErrors (INVALID_ARGUMENT names the field and the limit);
+downstream statuses pass through the shared error interceptor unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
+from contextlib import aclosing
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2
+from opentelemetry import trace
+
+from cache_store.registry import WorkerRole
+from gateway.config import GatewayConfig
+from gateway.failover import ResumableGeneration, set_route_attributes
+from gateway.layout import PromptLayout, split_document
+from gateway.router import Route, WorkerPool, plan_route
+from kvmesh.config import ModelConfig
+from kvmesh.loader import load_model_config
+from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.telemetry import meter, start_metrics_server, tracer
+from kvmesh.tokenizer import Tokenizer
+from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+T = TypeVar("T")
+
+_TOKENIZE_IN_THREAD_CHARS = 32 * 1024
+"""Longer texts are tokenized on a thread, so one big prompt does not stall every other stream."""
+
+
+def _invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """kvmesh.v1.Gateway: prompt layout, routing and streaming, over a WorkerPool."""
+
+    def __init__(
+        self, config: GatewayConfig, pool: WorkerPool, tokenizer: Tokenizer, model_config: ModelConfig
+    ) -> None:
+        self._config = config
+        self._pool = pool
+        self._tokenizer = tokenizer
+        self._layout = PromptLayout(tokenizer)
+        self._model_config = model_config
+        self._tracer = tracer(__name__)
+        gateway_meter = meter(__name__)
+        self._ttft_s = gateway_meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s", description="Request arrival to first token"
+        )
+        self._duration_s = gateway_meter.create_histogram(
+            "gen_ai.server.request.duration", unit="s", description="Request arrival to last token"
+        )
+
+    async def Complete(
+        self, request: gateway_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
+        arrival_s = time.perf_counter()
+        self._check_size(request.ByteSize())
+        sampling = self._sampling(request.sampling)
+        prefix, suffix = _cursor_text(request)
+        with self._tracer.start_as_current_span("route") as span:
+            num_chars = len(prefix) + len(suffix) + len(request.context)
+            token_ids = await self._tokenize(
+                lambda: self._layout.completion(prefix, suffix, request.context), num_chars
+            )
+            generation = self._start(token_ids, [], sampling, span, context)
+        # aclosing: a client that goes away closes the chain down to the downstream call at once.
+        async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def Edit(
+        self, request: gateway_pb2.EditRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
+        arrival_s = time.perf_counter()
+        self._check_size(request.ByteSize())
+        sampling = self._sampling(request.sampling)
+        if not request.original:
+            raise _invalid("original is empty: send the code to rewrite")
+        with self._tracer.start_as_current_span("route") as span:
+            num_chars = len(request.original) + len(request.snippet)
+            prompt = await self._tokenize(
+                lambda: self._layout.edit(request.original, request.snippet), num_chars
+            )
+            draft = prompt.draft_token_ids if request.speculative else []
+            generation = self._start(prompt.token_ids, draft, sampling, span, context)
+        # aclosing: a client that goes away closes the chain down to the downstream call at once.
+        async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    def _check_size(self, num_bytes: int) -> None:
+        limit = self._config.max_request_bytes
+        if num_bytes > limit:
+            raise _invalid(
+                f"request is {num_bytes} bytes, more than the limit of {limit} bytes (max_request_bytes): "
+                "send less code or context"
+            )
+
+    def _sampling(self, sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
+        """Checks the client's sampling and fills in defaults; the result goes to the decode worker."""
+        limit = self._config.max_tokens_limit
+        if not 0 <= sampling.max_tokens <= limit:
+            raise _invalid(
+                f"sampling.max_tokens must be between 0 and {limit} (0 means the default, "
+                f"{self._config.default_max_tokens}), got {sampling.max_tokens}"
+            )
+        if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+            raise _invalid(
+                f"sampling.temperature must be a finite number >= 0 (0 means greedy), got {sampling.temperature}"
+            )
+        if not (math.isfinite(sampling.top_p) and 0 <= sampling.top_p <= 1):
+            raise _invalid(f"sampling.top_p must be in (0, 1] (0 means unset, i.e. 1), got {sampling.top_p}")
+        if sampling.top_k < 0:
+            raise _invalid(f"sampling.top_k must be >= 0 (0 means off), got {sampling.top_k}")
+        vocab_size = self._model_config.vocab_size
+        for i, token_id in enumerate(sampling.stop_token_ids):
+            if not 0 <= token_id < vocab_size:
+                raise _invalid(
+                    f"sampling.stop_token_ids[{i}] is {token_id}, outside the vocabulary (0 to {vocab_size - 1})"
+                )
+        if any(not stop for stop in sampling.stop_strings):
+            raise _invalid("sampling.stop_strings holds an empty string")
+        resolved = common_pb2.SamplingParams()
+        resolved.CopyFrom(sampling)
+        resolved.max_tokens = sampling.max_tokens or self._config.default_max_tokens
+        # proto3 cannot tell an unset float from 0, and top_p = 0 would keep no token at all.
+        resolved.top_p = sampling.top_p or 1.0
+        return resolved
+
+    async def _tokenize(self, lay_out: Callable[[], T], num_chars: int) -> T:
+        if num_chars > _TOKENIZE_IN_THREAD_CHARS:
+            return await asyncio.to_thread(lay_out)
+        return lay_out()
+
+    def _start(
+        self,
+        token_ids: list[int],
+        draft_token_ids: list[int],
+        sampling: common_pb2.SamplingParams,
+        span: trace.Span,
+        context: grpc.aio.ServicerContext,
+    ) -> ResumableGeneration:
+        """Checks the prompt against the model's context and routes its first attempt."""
+        context_tokens = self._model_config.max_position_embeddings
+        limit = context_tokens - sampling.max_tokens
+        if len(token_ids) > limit:
+            raise _invalid(
+                f"prompt has {len(token_ids)} tokens, more than the limit of {limit}: the model's context is "
+                f"{context_tokens} tokens and sampling.max_tokens takes {sampling.max_tokens} of them; "
+                "send less code or lower sampling.max_tokens"
+            )
+        route = self._plan(len(token_ids), frozenset())
+        if route is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered; try again later")
+        set_route_attributes(span, route, len(token_ids))
+        request = decode_pb2.GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=token_ids,
+            sampling=sampling,
+            draft_token_ids=draft_token_ids,
+        )
+        span.set_attribute("kvmesh.request_id", request.request_id)
+        remaining_s = deadline_s(context)
+        return ResumableGeneration(
+            request,
+            route,
+            self._plan,
+            self._pool,
+            self._tokenizer,
+            eos_token_ids=self._model_config.eos_token_ids,
+            timeout_s=self._config.request_timeout_s if remaining_s is None else remaining_s,
+            max_attempts=self._config.max_attempts,
+        )
+
+    def _plan(self, num_prompt_tokens: int, exclude: AbstractSet[str]) -> Route | None:
+        return plan_route(
+            self._pool,
+            num_prompt_tokens,
+            use_prefill_min_tokens=self._config.use_prefill_min_tokens,
+            transport=self._config.transport,
+            exclude=exclude,
+        )
+
+    async def _stream(
+        self, generation: ResumableGeneration, arrival_s: float, operation: str
+    ) -> AsyncGenerator[gateway_pb2.CompletionChunk, None]:
+        route_ms = (time.perf_counter() - arrival_s) * 1000.0
+        ttft_ms: float | None = None
+        attributes = {"gen_ai.operation.name": operation}
+        async with aclosing(generation.chunks()) as chunks:
+            async for chunk in chunks:
+                if ttft_ms is None and chunk.token_ids:
+                    ttft_ms = (time.perf_counter() - arrival_s) * 1000.0
+                    self._ttft_s.record(ttft_ms / 1000.0, attributes)
+                out = gateway_pb2.CompletionChunk(
+                    text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason
+                )
+                if chunk.HasField("usage"):
+                    # The worker's usage, plus what only the gateway can measure.
+                    out.usage.CopyFrom(chunk.usage)
+                    out.usage.stage_ms.route_ms = route_ms
+                    out.usage.ttft_ms = ttft_ms if ttft_ms is not None else 0.0
+                    self._duration_s.record(time.perf_counter() - arrival_s, attributes)
+                yield out
+
+
+def _cursor_text(request: gateway_pb2.CompleteRequest) -> tuple[str, str]:
+    """(prefix, suffix) from the document and cursor, or from the request's own prefix and suffix."""
+    if request.document.text:
+        document = request.document
+        try:
+            return split_document(document.text, document.line, document.column)
+        except ValueError as error:
+            raise _invalid(str(error)) from None
+    if not request.prefix and not request.suffix:
+        raise _invalid("prefix, suffix and document.text are all empty: send the code around the cursor")
+    return request.prefix, request.suffix
+
+
+async def _watch_pool(running: RunningServer, pool: WorkerPool, period_s: float) -> None:
+    """Keeps health SERVING while at least one decode worker is live, NOT_SERVING otherwise; closes the
+    pool when the server stops."""
+    serving = False
+    try:
+        while True:
+            has_decode = bool(pool.workers(WorkerRole.DECODE))
+            if has_decode and not serving:
+                await running.set_serving()
+                logger.info("a decode worker is live: SERVING")
+            elif serving and not has_decode:
+                for name in ("", *running.service_names):
+                    await running.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                logger.warning("no decode worker is live: NOT_SERVING")
+            serving = has_decode
+            await asyncio.sleep(period_s)
+    finally:
+        # NOTE: RunningServer.stop cancels background tasks only after in-flight calls have drained;
+        # closing the pool earlier would cancel the downstream calls they are waiting on.
+        await pool.close()
+
+
+async def serve(config: GatewayConfig) -> RunningServer:
+    """Starts the gateway. Health turns SERVING once the pool holds a decode worker, and back to
+    NOT_SERVING while it holds none. Raises CheckpointError when model_path lacks tokenizer.json or
+    config.json, OSError when the address cannot be bound."""
+    model_path = Path(config.model_path)
+    tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
+    model_config = load_model_config(model_path)
+    channel_options = [
+        ("grpc.max_send_message_length", config.server.max_message_bytes),
+        ("grpc.max_receive_message_length", config.server.max_message_bytes),
+    ]
+    pool = WorkerPool(config.cache_store_address, config.refresh_ms, channel_options)
+    await pool.start()
+    servicer = GatewayServicer(config, pool, tokenizer, model_config)
+    try:
+        running = await start_server(
+            [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)], [SERVICE_NAME], config.server
+        )
+    except BaseException:
+        await pool.close()
+        raise
+    period_s = min(config.refresh_ms / 1000.0, 0.1)
+    running.add_background_task(asyncio.create_task(_watch_pool(running, pool, period_s)))
+    if config.metrics_port is not None:
+        port = start_metrics_server(config.metrics_port)
+        logger.info("metrics on port %d", port)
+    return running

@@ -1,0 +1,307 @@
+"""The KV transport interface: what a transfer is, who performs it, and which transport two workers use.
+
+A transfer moves whole blocks (every layer, K and V) from the prefill worker's pool into blocks that the
+decode worker reserved before asking for them. Source block `src_block_ids[i]` lands in destination block
+`dest.block_ids[i]`. Two styles:
+
+- push, `KVSender.send`: the prefill side writes straight into the destination pool's memory (inproc,
+  shm; later CUDA IPC and NCCL). The decode side learns that the blocks are ready from the Prefill
+  stream's done message, which is also the happens-before edge for the bytes.
+- stream, `grpc_stream`: the prefill side yields checksummed chunks in the Prefill response stream and
+  the decode side's `KVChunkReceiver` verifies them and writes them into its reserved blocks.
+
+NOTE: a push transport writes into the destination's memory from another process (shm) or device
+(CUDA IPC). When the decode side cancels a transfer, it must not hand the reserved blocks to another
+request until the Prefill stream has ended: the sender may still be writing into them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from kvmesh.kv_cache import KVLayout, KVPool
+
+STREAM_TRANSPORT = "grpc"
+"""The transport every worker supports: KV bytes in the Prefill response stream."""
+
+TRANSPORT_PREFERENCE: tuple[str, ...] = ("inproc", "shm", STREAM_TRANSPORT)
+"""Best first. A transport is usable between two workers when both list it and `_LOCALITY` allows it."""
+
+# Which workers can share a transport: the same process, the same host (one /dev/shm), or any two.
+_LOCALITY: dict[str, str] = {"inproc": "process", "shm": "host", STREAM_TRANSPORT: "any"}
+
+# Copies smaller than this run on the event loop's thread: a thread hop costs about 0.1 ms (measured),
+# what copying 1 MiB takes; bigger copies run in a thread so the loop keeps serving other streams.
+_INLINE_COPY_BYTES = 1 << 20
+
+_PROCESS_NONCE = uuid.uuid4().hex[:16]
+
+
+class TransferError(RuntimeError):
+    """A transfer failed: corrupted or missing bytes, or a destination that is gone.
+
+    The destination's reserved blocks then hold partial data; the caller frees them (after the sender
+    stopped, for push transports) and may retry the request.
+    """
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a transfer's blocks go, as the decode worker describes it in `PrefillRequest.destination`."""
+
+    transport: str
+    """A name from `supported_transports()`."""
+    block_ids: tuple[int, ...]
+    """The destination's reserved block ids; source block i lands in `block_ids[i]`."""
+    layout: KVLayout
+    """The destination pool's layout; all but `num_blocks` must equal the source pool's."""
+    shm_name: str = ""
+    """The destination pool's name: its shared-memory segment (shm) or its local registry key (inproc)."""
+    host_id: str = ""
+    """The destination's host, for shm: a pool with this name is only meaningful on that host."""
+
+    def __post_init__(self) -> None:
+        # NOTE: a tuple, so the descriptor stays hashable and nobody edits the block list in flight.
+        if not isinstance(self.block_ids, tuple):
+            object.__setattr__(self, "block_ids", tuple(self.block_ids))
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one transfer moved and how long it took (wall time on the side that reports it)."""
+
+    num_bytes: int
+    seconds: float
+    transport: str
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.num_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class TransportInfo:
+    """What a worker tells its peers (through worker registration) so they can pick a transport."""
+
+    host_id: str
+    """Same host id = same /dev/shm. Set from config; pods with separate /dev/shm need separate ids."""
+    process_id: str
+    """Unique per process, across hosts, restarts and forks (see `process_id()`)."""
+    transports: tuple[str, ...]
+    """Transports this worker can receive and send, e.g. `supported_transports()`."""
+
+    @classmethod
+    def local(cls, host_id: str, transports: Sequence[str] | None = None) -> TransportInfo:
+        """This process's info; `transports` defaults to everything registered here."""
+        return cls(
+            host_id, process_id(), tuple(transports) if transports is not None else supported_transports()
+        )
+
+
+def process_id() -> str:
+    """An id of this process: a random nonce (pids repeat across hosts and restarts) plus the pid (forks)."""
+    return f"{_PROCESS_NONCE}-{os.getpid()}"
+
+
+def choose_transport(local: TransportInfo, remote: TransportInfo) -> str:
+    """The best transport that both workers list and that their locality allows.
+
+    inproc needs the same process, shm the same host; grpc works anywhere. Transports without a known
+    locality are never chosen. Raises ValueError when the two share no usable transport.
+    """
+    same_host = local.host_id == remote.host_id and local.host_id != ""
+    reachable = {
+        "process": same_host and local.process_id == remote.process_id,
+        "host": same_host,
+        "any": True,
+    }
+    for name in TRANSPORT_PREFERENCE:
+        if name in local.transports and name in remote.transports and reachable[_LOCALITY[name]]:
+            return name
+    raise ValueError(
+        f"no common transport: this worker supports {list(local.transports)} on host {local.host_id!r}, "
+        f"the peer {list(remote.transports)} on host {remote.host_id!r}"
+    )
+
+
+class KVSender(ABC):
+    """Pushes blocks from a local pool into a destination's reserved blocks (the prefill side).
+
+    Implementations register by name (`register_sender`); `make_sender(name)` builds one with no
+    arguments. A sender may cache per-destination resources (mappings, communicators): one sender serves
+    many transfers and is closed once.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def send(
+        self, src_pool: KVPool, src_block_ids: Sequence[int], dest: KVDestination
+    ) -> TransferStats:
+        """Copy `src_block_ids` of `src_pool` into `dest.block_ids` of the destination pool, pairwise.
+
+        Changes only the destination's blocks `dest.block_ids`. Reads the source blocks, which must stay
+        allocated and unchanged until the awaitable completes. When it completes, the bytes are in the
+        destination's memory (device transports: the copy has finished, not just been queued). Cancelling
+        the awaiting task does not cut a copy short: it waits for the copy, then re-raises.
+
+        Raises ValueError when the transfer is malformed (layouts differ, block counts differ, ids out of
+        range or repeated in the destination, `dest.transport` names another transport) and
+        TransferError when the destination cannot be reached (its pool is gone).
+        """
+
+    def close(self) -> None:  # noqa: B027 (a no-op default: most senders hold nothing)
+        """Release what the sender caches for destinations. Idempotent; no send may be in flight."""
+
+
+_SENDERS: dict[str, type[KVSender]] = {}
+
+
+def register_sender(name: str, cls: type[KVSender]) -> None:
+    """Make `make_sender(name)` build `cls()`. Raises ValueError if `name` is taken by another class."""
+    if _SENDERS.get(name, cls) is not cls:
+        raise ValueError(f"transport {name!r} is already registered to {_SENDERS[name].__qualname__}")
+    _SENDERS[name] = cls
+
+
+def make_sender(name: str) -> KVSender:
+    """A new sender for a push transport. Raises ValueError for unknown names and for the stream transport."""
+    if name == STREAM_TRANSPORT:
+        raise ValueError(f"{name!r} is a stream transport: use kvmesh.transport.grpc_stream.iter_chunks")
+    if name not in _SENDERS:
+        raise ValueError(f"unknown transport {name!r}; registered: {sorted(_SENDERS)}")
+    return _SENDERS[name]()
+
+
+def supported_transports() -> tuple[str, ...]:
+    """Transports this process can use, best first: the registered push transports and the stream."""
+    available = set(_SENDERS) | {STREAM_TRANSPORT}
+    return tuple(name for name in TRANSPORT_PREFERENCE if name in available)
+
+
+def check_same_block_layout(src: KVLayout, dst: KVLayout) -> None:
+    """Raise ValueError unless blocks of `src` and `dst` hold the same bytes (all but num_blocks match)."""
+    diffs = [
+        f"{f.name} {getattr(src, f.name)} vs {getattr(dst, f.name)}"
+        for f in fields(KVLayout)
+        if f.name != "num_blocks" and getattr(src, f.name) != getattr(dst, f.name)
+    ]
+    if diffs:
+        raise ValueError(
+            f"KV layouts differ (source vs destination): {', '.join(diffs)}; "
+            "both workers must run the same model with the same KV dtype and block size"
+        )
+
+
+def check_block_ids(layout: KVLayout, block_ids: Sequence[int], side: str, *, unique: bool) -> None:
+    """Raise ValueError unless every id indexes a block of `layout` (and, if `unique`, none repeats)."""
+    bad = [b for b in block_ids if not 0 <= b < layout.num_blocks]
+    if bad:
+        raise ValueError(f"{side} block ids {bad[:8]} out of range for a pool of {layout.num_blocks} blocks")
+    if unique and len(set(block_ids)) != len(block_ids):
+        raise ValueError(f"{side} block ids repeat: {list(block_ids)[:16]}")
+
+
+def check_transfer(src_layout: KVLayout, src_block_ids: Sequence[int], dest: KVDestination) -> None:
+    """Raise ValueError unless source blocks can be copied into `dest` (see `KVSender.send`)."""
+    check_same_block_layout(src_layout, dest.layout)
+    if len(src_block_ids) != len(dest.block_ids):
+        raise ValueError(f"{len(src_block_ids)} source blocks for {len(dest.block_ids)} destination blocks")
+    check_block_ids(src_layout, src_block_ids, "source", unique=False)
+    check_block_ids(dest.layout, dest.block_ids, "destination", unique=True)
+
+
+def block_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The pairs `(src_block_ids[i], dst_block_ids[i])` as `(src_start, dst_start, num_blocks)` runs.
+
+    A run is consecutive on both sides. Pairs are taken in destination order, which finds the runs when
+    both sides were allocated in ascending order but listed in another. Destination ids must be unique.
+    """
+    runs: list[tuple[int, int, int]] = []
+    for dst, src in sorted(zip(dst_block_ids, src_block_ids, strict=True)):
+        if runs:
+            src_start, dst_start, n = runs[-1]
+            if src == src_start + n and dst == dst_start + n:
+                runs[-1] = (src_start, dst_start, n + 1)
+                continue
+        runs.append((src, dst, 1))
+    return runs
+
+
+def destination_runs(
+    src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+) -> list[tuple[int, list[int]]]:
+    """The pairs grouped by runs of consecutive destination ids: `(dst_start, source ids in order)`."""
+    runs: list[tuple[int, list[int]]] = []
+    for dst, src in sorted(zip(dst_block_ids, src_block_ids, strict=True)):
+        if runs and dst == runs[-1][0] + len(runs[-1][1]):
+            runs[-1][1].append(src)
+        else:
+            runs.append((dst, [src]))
+    return runs
+
+
+def copy_blocks(
+    src_kv: torch.Tensor, src_block_ids: Sequence[int], dst_kv: torch.Tensor, dst_block_ids: Sequence[int]
+) -> None:
+    """`dst_kv[:, :, dst_block_ids] = src_kv[:, :, src_block_ids]` without a temporary.
+
+    Both tensors are pools, [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. Changes
+    only the destination blocks. Ids are not checked here (see `check_transfer`); destination ids must
+    be unique.
+    """
+    # NOTE: advanced indexing gathers into a temporary and then index_put_s it: about 10x slower than a
+    # memcpy of the same bytes on CPU. Instead, one of two ways without a temporary, whichever makes
+    # fewer calls (each costs microseconds; measured in bench/transports.py):
+    # - a slice copy per run of ids consecutive on both sides: num_layers * 2 contiguous pieces each;
+    # - per (layer, K/V) slab, an index_select of the source blocks straight into a run of consecutive
+    #   destination blocks: wins when a scattered source goes to few destination runs (a fresh
+    #   reservation) and blocks are small (GQA models), where per-block copies pay their overhead.
+    runs = block_runs(src_block_ids, dst_block_ids)
+    num_slabs = dst_kv.shape[0] * 2
+    gathers = destination_runs(src_block_ids, dst_block_ids)
+    slab_views_ok = src_kv.is_contiguous() and dst_kv.is_contiguous() and src_kv.device == dst_kv.device
+    if slab_views_ok and len(gathers) * num_slabs < len(runs):
+        src_slabs = src_kv.view(num_slabs, src_kv.shape[2], -1)  # [slab, block, block elements]
+        dst_slabs = dst_kv.view(num_slabs, dst_kv.shape[2], -1)
+        for dst_start, src_ids in gathers:
+            index = torch.tensor(src_ids, device=src_kv.device)
+            for slab in range(num_slabs):
+                torch.index_select(
+                    src_slabs[slab], 0, index, out=dst_slabs[slab, dst_start : dst_start + len(src_ids)]
+                )
+        return
+    for src_start, dst_start, n in runs:
+        dst_kv[:, :, dst_start : dst_start + n].copy_(src_kv[:, :, src_start : src_start + n])
+
+
+async def run_copy(copy: Callable[[], None], num_bytes: int) -> float:
+    """Run a blocking copy off the event loop (inline when small); return its wall time in seconds.
+
+    Cancelling the caller does not stop the copy: it is awaited to the end (the caller may free the
+    memory it touches once this returns), then CancelledError is re-raised.
+    """
+    started = time.perf_counter()
+    if num_bytes < _INLINE_COPY_BYTES:
+        copy()
+        return time.perf_counter() - started
+    future = asyncio.get_running_loop().run_in_executor(None, copy)
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    future.result()
+    return time.perf_counter() - started

@@ -1,0 +1,237 @@
+"""Shared-memory transport: prefill and decode workers on one host, CPU pools.
+
+The decode worker allocates its whole KV pool in a POSIX shared-memory segment (`SharedKVPool.create`)
+and names it in `KVDestination.shm_name`; the prefill worker maps the segment once (`ShmSender` caches
+the mapping) and copies its blocks straight into the reserved blocks: one copy, no intermediate.
+
+Lifetime: the creator owns the name and unlinks it on `close()`; every mapping (the creator's pool
+tensor, attached tensors in other processes) keeps the memory alive until that tensor is dropped, so
+nothing is unmapped under a live tensor. Only the creator registers the segment with Python's resource
+tracker, which unlinks it if the creator dies without closing it. An attaching process must not
+register: on 3.11 `SharedMemory(name)` does, and its tracker then unlinks the creator's live segment
+(with a "leaked shared_memory" warning) when the attaching process exits. So segments are opened here
+with os/mmap rather than `multiprocessing.shared_memory`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+
+import torch
+
+from kvmesh.kv_cache import KVLayout, KVPool
+from kvmesh.transport.base import (
+    KVDestination,
+    KVSender,
+    TransferError,
+    TransferStats,
+    check_transfer,
+    copy_blocks,
+    register_sender,
+    run_copy,
+)
+
+SHM_DIR = "/dev/shm"
+"""Where Linux keeps POSIX shared memory; a segment named N is the file SHM_DIR/N."""
+
+# A segment is a header page that names the layout (so a wrong layout is an error, not garbage KV),
+# then the pool tensor, page-aligned.
+_HEADER_BYTES = 4096
+_MAGIC = "kvmesh-kv-pool-v1"
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
+
+
+def _path(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"bad shared memory name {name!r}: use 1-200 of [A-Za-z0-9_.-], not starting with '.'"
+        )
+    return os.path.join(SHM_DIR, name)
+
+
+def _layout_header(layout: KVLayout) -> bytes:
+    fields = (layout.num_layers, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    header = f"{_MAGIC} {' '.join(map(str, fields))} {str(layout.dtype).removeprefix('torch.')}\n".encode()
+    return header.ljust(_HEADER_BYTES, b"\0")
+
+
+def _map(fd: int, layout: KVLayout) -> tuple[mmap.mmap, torch.Tensor]:
+    # NOTE: MAP_POPULATE builds the page tables now, so the first transfer does not pay a page fault per
+    # 4 KiB (about as long as the copy itself). The tensor holds the mmap object (through the buffer
+    # protocol): the mapping lives exactly as long as some tensor viewing it.
+    mapping = mmap.mmap(fd, _HEADER_BYTES + layout.num_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    kv = torch.frombuffer(
+        mapping, dtype=layout.dtype, count=layout.num_bytes // layout.dtype.itemsize, offset=_HEADER_BYTES
+    )
+    return mapping, kv.view(layout.shape)
+
+
+class SharedKVPool:
+    """The creator's handle on a KV pool in shared memory (the decode side). Close it to unlink."""
+
+    def __init__(self, name: str, layout: KVLayout) -> None:
+        self.name = name
+        self.layout = layout
+        self._closed = False
+
+    @classmethod
+    def create(cls, layout: KVLayout, name: str | None = None) -> tuple[KVPool, SharedKVPool]:
+        """Allocate a zeroed pool of `layout` in a new segment; return the pool and the segment's handle.
+
+        All of the memory is reserved now, so a full /dev/shm fails here (OSError ENOSPC) rather than
+        with SIGBUS in the middle of a transfer. The segment is readable by this user only.
+        Raises FileExistsError if `name` is taken, ValueError for a bad name or an empty layout.
+        """
+        if layout.num_bytes <= 0:
+            raise ValueError(f"layout {layout} holds no bytes")
+        name = name or f"kvmesh-{uuid.uuid4().hex}"
+        path = _path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, _HEADER_BYTES + layout.num_bytes)
+            except OSError as e:
+                raise OSError(
+                    e.errno,
+                    f"cannot reserve {layout.num_bytes} bytes in {SHM_DIR} for KV pool {name!r}: {e.strerror} "
+                    "(in a container, give /dev/shm more room, or use fewer blocks)",
+                ) from e
+            mapping, kv = _map(fd, layout)
+            mapping[:_HEADER_BYTES] = _layout_header(layout)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        # Unlinked by the tracker process if this process dies without close(); the name format is
+        # what multiprocessing.shared_memory registers ("/" + name).
+        resource_tracker.register("/" + name, "shared_memory")
+        return KVPool(layout, storage=kv), cls(name, layout)
+
+    def close(self) -> None:
+        """Unlink the segment's name: no new attachment can be made. Idempotent.
+
+        The memory stays valid for tensors that still map it (this process's pool, attached processes)
+        and is returned to the system when the last of them is dropped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_path(self.name))
+        resource_tracker.unregister("/" + self.name, "shared_memory")
+
+    def __enter__(self) -> SharedKVPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def attach(name: str, layout: KVLayout) -> torch.Tensor:
+    """Map the segment `name` as a pool tensor of `layout.shape` (shared, writable).
+
+    Does not register with the resource tracker (see the module docstring). The mapping lives as long as
+    the returned tensor or a view of it. Raises FileNotFoundError if no such segment exists, and
+    ValueError if the segment's header names another layout (or it is no kvmesh pool).
+    """
+    tensor, _ = _attach(name, layout)
+    return tensor
+
+
+def _attach(name: str, layout: KVLayout) -> tuple[torch.Tensor, int]:
+    fd = os.open(_path(name), os.O_RDWR)
+    try:
+        stat = os.fstat(fd)
+        header = os.pread(fd, _HEADER_BYTES, 0)
+        if header != _layout_header(layout) or stat.st_size != _HEADER_BYTES + layout.num_bytes:
+            found = (
+                header.split(b"\n", 1)[0].decode(errors="replace")
+                if header.startswith(_MAGIC.encode())
+                else "no kvmesh pool"
+            )
+            raise ValueError(
+                f"shared memory segment {name!r} holds {found!r} ({stat.st_size} bytes), but the destination "
+                f"says layout {layout}: the descriptor does not match the pool"
+            )
+        _, kv = _map(fd, layout)
+        return kv, stat.st_ino
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Attachment:
+    kv: torch.Tensor
+    layout: KVLayout
+    inode: int
+    """Tells a recreated segment of the same name from the one mapped."""
+
+
+class ShmSender(KVSender):
+    """Copies blocks into a pool in shared memory on this host (see `KVSender.send`).
+
+    Keeps up to `max_attachments` destination pools mapped (least recently used is dropped first).
+    Before each send it checks the segment's name still exists: a destination that closed raises
+    TransferError and its mapping is dropped, so a stopped decode worker's memory is not held.
+    """
+
+    name = "shm"
+
+    def __init__(self, max_attachments: int = 8) -> None:
+        self._max_attachments = max_attachments
+        self._attachments: OrderedDict[str, _Attachment] = OrderedDict()
+
+    async def send(
+        self, src_pool: KVPool, src_block_ids: Sequence[int], dest: KVDestination
+    ) -> TransferStats:
+        if dest.transport != self.name:
+            raise ValueError(f"destination wants transport {dest.transport!r}, this sender is {self.name!r}")
+        check_transfer(src_pool.layout, src_block_ids, dest)
+        dst_kv = self._attachment(dest.shm_name, dest.layout)
+        num_bytes = len(dest.block_ids) * dest.layout.bytes_per_block
+        seconds = await run_copy(
+            lambda: copy_blocks(src_pool.kv, src_block_ids, dst_kv, dest.block_ids), num_bytes
+        )
+        return TransferStats(num_bytes, seconds, self.name)
+
+    def _attachment(self, name: str, layout: KVLayout) -> torch.Tensor:
+        try:
+            inode = os.stat(_path(name)).st_ino
+        except FileNotFoundError:
+            self._attachments.pop(name, None)
+            raise TransferError(
+                f"shared memory segment {name!r} not found on this host (its worker stopped, or runs on another host)"
+            ) from None
+        attachment = self._attachments.get(name)
+        if attachment is None or attachment.inode != inode:
+            self._attachments.pop(name, None)
+            try:
+                kv, inode = _attach(name, layout)
+            except FileNotFoundError:
+                raise TransferError(f"shared memory segment {name!r} disappeared while attaching") from None
+            attachment = _Attachment(kv, layout, inode)
+            self._attachments[name] = attachment
+            while len(self._attachments) > self._max_attachments:
+                self._attachments.popitem(last=False)
+        elif attachment.layout != layout:
+            raise ValueError(
+                f"destination says layout {layout}, segment {name!r} was attached as {attachment.layout}"
+            )
+        self._attachments.move_to_end(name)
+        return attachment.kv
+
+    def close(self) -> None:
+        # Dropping the tensors unmaps the segments (unless a caller still holds a view).
+        self._attachments.clear()
+
+
+register_sender(ShmSender.name, ShmSender)

@@ -1,0 +1,188 @@
+"""End to end: the four roles as real gRPC servers on loopback, driven through the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.layout import PromptLayout
+from kvmesh.checkpoint import write_random_checkpoint
+from kvmesh.client import Client
+from kvmesh.engine import Engine
+from kvmesh.telemetry import add_span_processor, setup_telemetry
+from kvmesh.v1 import gateway_pb2
+from tests.mesh_harness import MeshInThread, MeshSpec
+
+PREFIX = "import os\n\ndef read_config(path):\n    with open(path) as f:\n        "
+SUFFIX = "\n    return config\n"
+EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory, code_tokenizer) -> Path:
+    setup_telemetry("kvmesh-tests")
+    add_span_processor(SimpleSpanProcessor(EXPORTER))
+    path = tmp_path_factory.mktemp("mesh-model")
+    return write_random_checkpoint(
+        path,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tokenizer=code_tokenizer,
+        init_std=0.2,
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> Engine:
+    return Engine.from_pretrained(model_path)
+
+
+def expected_completion(engine: Engine, prefix: str, suffix: str, max_tokens: int) -> list[int]:
+    prompt = PromptLayout(engine.tokenizer).completion(prefix, suffix)
+    return engine.generate(prompt, max_tokens)
+
+
+def stream(address: str, **kwargs) -> tuple[list[int], str, object]:
+    with Client(address) as client:
+        chunks = list(client.complete(**kwargs))
+    return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
+
+
+@pytest.mark.parametrize(
+    ("worker_transports", "gateway_transport", "num_prefill"),
+    [(("shm", "grpc"), "shm", 1), (("shm", "grpc"), "grpc", 1), (("grpc",), "auto", 0)],
+    ids=["shm", "grpc", "decode-prefills-itself"],
+)
+def test_streamed_completion_equals_the_engine_in_process(
+    model_path, engine, worker_transports, gateway_transport, num_prefill
+):
+    spec = MeshSpec(
+        str(model_path),
+        num_prefill=num_prefill,
+        worker_transports=worker_transports,
+        gateway={"transport": gateway_transport},
+    )
+    expected = expected_completion(engine, PREFIX, SUFFIX, 24)
+    with MeshInThread(spec) as mesh:
+        tokens, text, last = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=24)
+    assert tokens == expected
+    assert text == engine.tokenizer.decode(expected)
+    usage = last.usage
+    assert usage.completion_tokens == len(expected)
+    assert usage.prompt_tokens == len(PromptLayout(engine.tokenizer).completion(PREFIX, SUFFIX))
+    if num_prefill:
+        assert usage.transport == gateway_transport
+        assert usage.prefilled_tokens == usage.prompt_tokens - 1
+        assert usage.transfer_bytes == -(-usage.prefilled_tokens // 16) * engine.kv_bytes_per_token * 16
+    else:
+        assert usage.transport == "" and usage.transfer_bytes == 0
+    assert usage.ttft_ms > 0 and usage.stage_ms["decode"] > 0
+
+
+def test_every_role_reports_serving_and_one_trace_spans_every_hop(model_path):
+    with MeshInThread(MeshSpec(str(model_path), gateway={"transport": "grpc"})) as mesh:
+        for name, server in mesh.servers.items():
+            with grpc.insecure_channel(server.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        EXPORTER.clear()
+        stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=4)
+        time.sleep(0.2)
+    spans = EXPORTER.get_finished_spans()
+    by_name = {s.name: s for s in spans}
+    hops = ["/kvmesh.v1.Gateway/Complete", "/kvmesh.v1.Decode/Generate", "/kvmesh.v1.Prefill/Prefill"]
+    server_spans = [s for s in spans if s.name.lstrip("/") in [h.lstrip("/") for h in hops] or s.name in hops]
+    names = {s.name for s in spans}
+    for hop in ("kvmesh.v1.Gateway/Complete", "kvmesh.v1.Decode/Generate", "kvmesh.v1.Prefill/Prefill"):
+        assert any(hop in n for n in names), (hop, names)
+    for stage in ("prefill", "transfer", "ship"):
+        assert stage in by_name, names
+    trace_ids = {s.context.trace_id for s in spans if any(h in s.name for h in ("Gateway", "Decode", "Prefill"))}
+    trace_ids |= {by_name[s].context.trace_id for s in ("prefill", "transfer", "ship")}
+    assert len(trace_ids) == 1, server_spans
+    assert by_name["transfer"].attributes["kvmesh.num_bytes"] > 0
+
+
+def _settled(mesh: MeshInThread, timeout_s: float = 10.0) -> dict:
+    """Worker loads once nothing runs, waits or holds blocks (heartbeats lag a little)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = mesh.run(mesh.worker_loads())
+        idle = all(
+            load.num_running == 0 and load.num_waiting == 0 and load.num_blocks_free == load.num_blocks_total
+            for load in loads.values()
+        )
+        if idle or time.monotonic() > deadline:
+            return loads
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, transport):
+    spec = MeshSpec(str(model_path), num_blocks=1024, gateway={"transport": transport})
+    prefix = PREFIX * 12  # a few hundred tokens: the transfer takes a while
+    rng = random.Random(7)
+    with MeshInThread(spec) as mesh:
+        stream(mesh.gateway_address, prefix=prefix, suffix=SUFFIX, max_tokens=2)  # warm channels
+        baseline_tasks = mesh.run(_num_tasks())
+        before = _settled(mesh)
+        with Client(mesh.gateway_address) as client:
+            stub = client._stub
+
+            def cancel_one(i: int) -> None:
+                request = gateway_pb2.CompleteRequest(prefix=prefix + str(i), suffix=SUFFIX)
+                request.sampling.max_tokens = 40
+                call = stub.Complete(request, timeout=30)
+                point = rng.choice(["before-prefill", "during-transfer", "mid-stream"])
+                if point == "mid-stream":
+                    with contextlib.suppress(grpc.RpcError):  # a full pool sheds load: also fine here
+                        for _ in range(rng.randint(1, 5)):
+                            next(call, None)
+                else:
+                    time.sleep(rng.uniform(0, 0.002 if point == "before-prefill" else 0.02))
+                call.cancel()
+
+            threads = [threading.Thread(target=cancel_one, args=(i,)) for i in range(100)]
+            for i, thread in enumerate(threads):
+                thread.start()
+                if i % 10 == 9:
+                    for t in threads[i - 9 : i + 1]:
+                        t.join()
+        after = _settled(mesh, timeout_s=15)
+        assert after == before
+        # Blocks of cancelled shm transfers sit out a short quarantine; by now every task has ended.
+        deadline = time.monotonic() + 10
+        while mesh.run(_num_tasks()) > baseline_tasks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mesh.run(_num_tasks()) <= baseline_tasks
+        # The mesh still answers exactly after the storm.
+        tokens, _, _ = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=8)
+        assert len(tokens) == 8
+
+
+async def _num_tasks() -> int:
+    await asyncio.sleep(0)
+    return len(asyncio.all_tasks()) - 1
+
+
+def test_a_full_decode_pool_answers_resource_exhausted(model_path):
+    spec = MeshSpec(str(model_path), num_blocks=8, gateway={"transport": "grpc"})
+    with MeshInThread(spec) as mesh, pytest.raises(grpc.RpcError) as info:
+        stream(mesh.gateway_address, prefix=PREFIX * 20, suffix=SUFFIX, max_tokens=4)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "KV pool is full" in info.value.details()
