@@ -70,7 +70,9 @@ class PrefillClient:
             try:
                 async for message in call:
                     if done is not None:
-                        raise ServiceError(grpc.StatusCode.DATA_LOSS, "prefill worker sent data after its done message")
+                        raise ServiceError(
+                            grpc.StatusCode.DATA_LOSS, "prefill worker sent data after its done message"
+                        )
                     if message.HasField("data"):
                         receiver = receiver or KVChunkReceiver(self._engine.pool, block_ids)
                         data = message.data

@@ -91,7 +91,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         # NOTE: refused, not ignored: weights the config does not declare (biases, say) would otherwise
         # be dropped silently and the model would compute something else than it was trained to.
         shown = ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise CheckpointError(f"{path}: the safetensors files hold weights config.json does not declare: {shown}")
+        raise CheckpointError(
+            f"{path}: the safetensors files hold weights config.json does not declare: {shown}"
+        )
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state.pop("lm_head.weight", None)

@@ -75,9 +75,13 @@ class MeshInThread:
             cache_store_address=self.servers["cache-store"].address, transports=spec.worker_transports
         )
         for i in range(spec.num_prefill):
-            self.servers[f"prefill-{i}"] = await serve_prefill(PrefillConfig(ServerConfig(), model, registration))
+            self.servers[f"prefill-{i}"] = await serve_prefill(
+                PrefillConfig(ServerConfig(), model, registration)
+            )
         for i in range(spec.num_decode):
-            self.servers[f"decode-{i}"] = await serve_decode(DecodeConfig(ServerConfig(), model, registration))
+            self.servers[f"decode-{i}"] = await serve_decode(
+                DecodeConfig(ServerConfig(), model, registration)
+            )
         await self._wait_for_workers()  # so the gateway's first look at the pools sees every worker
         gateway = GatewayConfig(
             server=ServerConfig(),
@@ -106,7 +110,9 @@ class MeshInThread:
                 cache_store_pb2.ListWorkersRequest(), timeout=5
             )
         return {
-            w.worker_id: WorkerLoad(w.load.num_running, w.load.num_waiting, w.load.num_blocks_free, w.load.num_blocks_total)
+            w.worker_id: WorkerLoad(
+                w.load.num_running, w.load.num_waiting, w.load.num_blocks_free, w.load.num_blocks_total
+            )
             for w in reply.workers
         }
 
@@ -114,6 +120,10 @@ class MeshInThread:
         await self.servers.pop(name).stop(grace_s)
 
     async def _stop(self) -> None:
-        for name in ("gateway", *[n for n in self.servers if n.startswith(("decode", "prefill"))], "cache-store"):
+        for name in (
+            "gateway",
+            *[n for n in self.servers if n.startswith(("decode", "prefill"))],
+            "cache-store",
+        ):
             if name in self.servers:
                 await self.servers.pop(name).stop(0.5)

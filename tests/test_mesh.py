@@ -112,7 +112,9 @@ def test_every_role_reports_serving_and_one_trace_spans_every_hop(model_path):
         assert any(hop in n for n in names), (hop, names)
     for stage in ("prefill", "transfer", "ship"):
         assert stage in by_name, names
-    trace_ids = {s.context.trace_id for s in spans if any(h in s.name for h in ("Gateway", "Decode", "Prefill"))}
+    trace_ids = {
+        s.context.trace_id for s in spans if any(h in s.name for h in ("Gateway", "Decode", "Prefill"))
+    }
     trace_ids |= {by_name[s].context.trace_id for s in ("prefill", "transfer", "ship")}
     assert len(trace_ids) == 1, server_spans
     assert by_name["transfer"].attributes["kvmesh.num_bytes"] > 0
