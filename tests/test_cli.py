@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -277,7 +276,6 @@ def test_up_serves_a_completion_and_stops_on_sigint(tmp_path: Path, code_tokeniz
         )
         assert client.returncode == 0, client.stderr
         assert "completion_tokens=5" in client.stderr and "finish=length" in client.stderr
-        started = time.monotonic()
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=60)
     finally:
@@ -285,4 +283,3 @@ def test_up_serves_a_completion_and_stops_on_sigint(tmp_path: Path, code_tokeniz
             process.kill()
     assert process.returncode == 0, stderr
     assert stdout == ""
-    assert time.monotonic() - started < 30
