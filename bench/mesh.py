@@ -42,60 +42,63 @@ def make_prefix(engine: Engine, num_tokens: int) -> str:
     return engine.tokenizer.decode(ids)
 
 
-def engine_baseline(
-    engine: Engine, prompts: list[list[int]], new_tokens: int
-) -> tuple[list[float], list[float]]:
-    ttfts, rates = [], []
-    for prompt in prompts:
-        started = time.perf_counter()
-        engine.generate(prompt, 1, ignore_eos=True)
-        ttfts.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        engine.generate(prompt, new_tokens, ignore_eos=True)
-        total = time.perf_counter() - started
-        rates.append((new_tokens - 1) / (total - ttfts[-1] / 1000))
-    return ttfts, rates
+def engine_request(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(TTFT ms, decode tokens/s) of the engine in this process."""
+    started = time.perf_counter()
+    engine.generate(prompt, 1, ignore_eos=True)
+    ttft_s = time.perf_counter() - started
+    started = time.perf_counter()
+    engine.generate(prompt, new_tokens, ignore_eos=True)
+    return ttft_s * 1000, (new_tokens - 1) / (time.perf_counter() - started - ttft_s)
 
 
-async def mesh_run(
-    address: str, prefixes: list[str], new_tokens: int
-) -> tuple[list[float], list[float], list[dict[str, float]]]:
-    ttfts, rates, stages = [], [], []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        for prefix in prefixes:
-            request = gateway_pb2.CompleteRequest(prefix=prefix, suffix="\n")
-            request.sampling.max_tokens = new_tokens
-            request.sampling.ignore_eos = True
-            started = time.perf_counter()
-            first = None
-            num_tokens = 0
-            async for chunk in stub.Complete(request, timeout=120):
-                if chunk.token_ids and first is None:
-                    first = time.perf_counter()
-                num_tokens += len(chunk.token_ids)
-                if chunk.HasField("usage"):
-                    stage = chunk.usage.stage_ms
-                    stages.append(
-                        {f: getattr(stage, f) for f in ("route_ms", "queue_ms", "prefill_ms", "transfer_ms")}
-                    )
-            ended = time.perf_counter()
-            assert first is not None and num_tokens == new_tokens, num_tokens
-            ttfts.append((first - started) * 1000)
-            rates.append((num_tokens - 1) / (ended - first))
-    return ttfts, rates, stages
+STAGES = ("route_ms", "queue_ms", "prefill_ms", "transfer_ms")
 
 
-async def measure_mesh(
-    model: str, transport: str, prefixes: list[str], new_tokens: int
-) -> tuple[list[float], list[float], list[dict[str, float]]]:
+async def mesh_request(
+    stub: gateway_pb2_grpc.GatewayStub, prefix: str, new_tokens: int
+) -> tuple[float, float, dict[str, float]]:
+    """(TTFT ms, decode tokens/s, stage ms) of one completion through the mesh, seen by the client."""
+    request = gateway_pb2.CompleteRequest(prefix=prefix, suffix="\n")
+    request.sampling.max_tokens = new_tokens
+    request.sampling.ignore_eos = True
+    started = time.perf_counter()
+    first = None
+    num_tokens = 0
+    stages: dict[str, float] = {}
+    async for chunk in stub.Complete(request, timeout=120):
+        if chunk.token_ids and first is None:
+            first = time.perf_counter()
+        num_tokens += len(chunk.token_ids)
+        if chunk.HasField("usage"):
+            stages = {f: getattr(chunk.usage.stage_ms, f) for f in STAGES}
+    ended = time.perf_counter()
+    assert first is not None and num_tokens == new_tokens, num_tokens
+    return (first - started) * 1000, (num_tokens - 1) / (ended - first), stages
+
+
+Row = tuple[float, float, float, float, dict[str, float]]
+"""engine TTFT ms, engine tokens/s, mesh TTFT ms, mesh tokens/s, mesh stage ms."""
+
+
+async def measure(
+    engine: Engine, model: str, transport: str, prefixes: list[str], prompts: list[list[int]], new_tokens: int
+) -> list[Row]:
+    """Engine and mesh request by request, alternating, so the machine's noise hits both alike."""
     mesh = LocalMesh(port=0, model_path=model, transport=transport)
     address = await mesh.start()
+    rows = []
     try:
-        await mesh_run(address, prefixes[:1], 2)  # warm-up: channels, first forward passes
-        return await mesh_run(address, prefixes[1:], new_tokens)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            await mesh_request(stub, prefixes[0], 2)  # warm-up: channels, first forward passes
+            for prefix, prompt in zip(prefixes[1:], prompts[1:], strict=True):
+                engine_ttft, engine_rate = engine_request(engine, prompt, new_tokens)
+                mesh_ttft, mesh_rate, stages = await mesh_request(stub, prefix, new_tokens)
+                rows.append((engine_ttft, engine_rate, mesh_ttft, mesh_rate, stages))
     finally:
         await mesh.stop()
+    return rows
 
 
 def p50(values: list[float]) -> float:
@@ -120,42 +123,42 @@ def main() -> None:
     torch.set_num_threads(1)  # the workers run one torch thread each
     engine = Engine.from_pretrained(model)
     base = make_prefix(engine, args.prompt_tokens)
-    # A different first character per request: same length, nothing reusable from the previous one.
+    # A different first line per request: same length, nothing reusable from the previous one.
     prefixes = [f"# {i:03d}\n{base}" for i in range(args.reps + 1)]
     layout = PromptLayout(engine.tokenizer)
     prompts = [layout.completion(p, "\n") for p in prefixes]
-    num_prompt_tokens = len(prompts[0])
-
-    engine_ttft, engine_rate = engine_baseline(engine, prompts[1:], args.new_tokens)
-    rows = [("engine in-process", engine_ttft, engine_rate, None)]
-    for transport in args.transports:
-        ttft, rate, stages = asyncio.run(measure_mesh(model, transport, prefixes, args.new_tokens))
-        rows.append((f"mesh, {transport} transport", ttft, rate, stages))
+    engine.generate(prompts[0], 2)  # warm-up
 
     print(
         f"\n## Mesh vs engine in-process\n\n- Command: `python bench/mesh.py {' '.join(sys.argv[1:])}`".rstrip()
     )
     print(
-        f"- Model: {model}; prompt {num_prompt_tokens} tokens, {args.new_tokens} new tokens, {args.reps} requests each"
+        f"- Model: {model}; prompt {len(prompts[0])} tokens, {args.new_tokens} new tokens, {args.reps} requests"
     )
-    print("- Workers: separate processes, one torch thread each; the baseline runs one thread too.\n")
-    print("| path | TTFT p50 (ms) | TTFT added vs engine (ms) | decode tokens/s p50 | tokens/s vs engine |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ttft, rate, _ in rows:
+    print("- Workers: separate processes, one torch thread each. The engine baseline runs one thread too, in")
+    print(
+        "  the benchmark's process, one request right before each mesh request (paired: noise hits both).\n"
+    )
+    print(
+        "| transport | engine TTFT p50 (ms) | mesh TTFT p50 (ms) | added TTFT p50, paired (ms) "
+        "| engine tok/s | mesh tok/s | mesh / engine tok/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    stage_rows = []
+    for transport in args.transports:
+        rows = asyncio.run(measure(engine, model, transport, prefixes, prompts, args.new_tokens))
         print(
-            f"| {name} | {p50(ttft):.1f} | {p50(ttft) - p50(engine_ttft):+.1f} | {p50(rate):.0f} | "
-            f"{p50(rate) / p50(engine_rate):.2f} |"
+            f"| {transport} | {p50([r[0] for r in rows]):.1f} | {p50([r[2] for r in rows]):.1f} | "
+            f"{p50([r[2] - r[0] for r in rows]):+.1f} | {p50([r[1] for r in rows]):.0f} | "
+            f"{p50([r[3] for r in rows]):.0f} | {p50([r[3] / r[1] for r in rows]):.2f} |"
         )
+        stage_rows.append((transport, [r[4] for r in rows]))
     print("\nMesh stage medians (ms, from usage):\n")
-    print("| path | route | queue | prefill | transfer |")
+    print("| transport | route | queue | prefill | transfer |")
     print("|---|---:|---:|---:|---:|")
-    for name, _, _, stages in rows[1:]:
-        assert stages is not None
-        cells = " | ".join(
-            f"{p50([s[f] for s in stages]):.2f}"
-            for f in ("route_ms", "queue_ms", "prefill_ms", "transfer_ms")
-        )
-        print(f"| {name} | {cells} |")
+    for transport, stages in stage_rows:
+        cells = " | ".join(f"{p50([s[f] for s in stages]):.2f}" for f in STAGES)
+        print(f"| {transport} | {cells} |")
 
     print(
         f"\n## KV transports vs one memory copy ({args.payload_mib} MiB, fresh reservation, 7B-class GQA blocks)\n"
