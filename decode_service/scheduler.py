@@ -41,6 +41,7 @@ class Stream:
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     joined_at: float = field(default_factory=time.perf_counter)
     first_step_at: float | None = None
+    """When the first forward pass that included this stream started."""
     first_token_at: float | None = None
     num_forward_passes: int = 0
 
@@ -109,6 +110,10 @@ class DecodeLoop:
             # make every decode row as wide as the chunk.
             prefilling = [s for s in self._streams if s.seq.num_uncomputed_tokens > 1]
             batch = prefilling[:1] or self._streams[: self.max_batch_size]
+            started = time.perf_counter()
+            for stream in batch:
+                if stream.first_step_at is None:
+                    stream.first_step_at = started
             try:
                 logits = await asyncio.to_thread(self.engine.step, [s.seq for s in batch])
             except OutOfBlocks as error:
@@ -140,8 +145,6 @@ class DecodeLoop:
         ready = []
         for stream in batch:
             stream.num_forward_passes += 1
-            if stream.first_step_at is None:
-                stream.first_step_at = now
             if stream.seq.num_uncomputed_tokens == 0:
                 ready.append(stream)
         if not ready:
