@@ -50,6 +50,16 @@ class CacheStoreStub:
                 request_serializer=kvmesh_dot_v1_dot_cache__store__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_cache__store__pb2.ListWorkersReply.FromString,
                 _registered_method=True)
+        self.PublishKVEvents = channel.stream_unary(
+                '/kvmesh.v1.CacheStore/PublishKVEvents',
+                request_serializer=kvmesh_dot_v1_dot_cache__store__pb2.KVEventBatch.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_cache__store__pb2.PublishKVEventsReply.FromString,
+                _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/kvmesh.v1.CacheStore/Lookup',
+                request_serializer=kvmesh_dot_v1_dot_cache__store__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_cache__store__pb2.LookupReply.FromString,
+                _registered_method=True)
 
 
 class CacheStoreServicer:
@@ -77,6 +87,21 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishKVEvents(self, request_iterator, context):
+        """A worker's stream of KV events. The first batch after every (re)connect is its whole inventory
+        (CLEARED, then STORED with every hash it holds), so a restarted cache store rebuilds its index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lookup(self, request, context):
+        """For a prompt's chained block hashes, how many leading blocks each live worker holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +119,16 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=kvmesh_dot_v1_dot_cache__store__pb2.ListWorkersRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_cache__store__pb2.ListWorkersReply.SerializeToString,
+            ),
+            'PublishKVEvents': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishKVEvents,
+                    request_deserializer=kvmesh_dot_v1_dot_cache__store__pb2.KVEventBatch.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_cache__store__pb2.PublishKVEventsReply.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=kvmesh_dot_v1_dot_cache__store__pb2.LookupRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_cache__store__pb2.LookupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +213,60 @@ class CacheStore:
             '/kvmesh.v1.CacheStore/ListWorkers',
             kvmesh_dot_v1_dot_cache__store__pb2.ListWorkersRequest.SerializeToString,
             kvmesh_dot_v1_dot_cache__store__pb2.ListWorkersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishKVEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvmesh.v1.CacheStore/PublishKVEvents',
+            kvmesh_dot_v1_dot_cache__store__pb2.KVEventBatch.SerializeToString,
+            kvmesh_dot_v1_dot_cache__store__pb2.PublishKVEventsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.CacheStore/Lookup',
+            kvmesh_dot_v1_dot_cache__store__pb2.LookupRequest.SerializeToString,
+            kvmesh_dot_v1_dot_cache__store__pb2.LookupReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,28 +23,32 @@ class KVLayoutSpec(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id")
+    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     transport: str
     shm_name: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: KVLayoutSpec
     host_id: str
-    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ...) -> None: ...
+    first_block: int
+    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "destination")
+    __slots__ = ("request_id", "token_ids", "destination", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     destination: KVDestination
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class KVData(_message.Message):
     __slots__ = ("offset_bytes", "payload", "crc32")
