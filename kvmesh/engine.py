@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kvmesh.attention import build_attention_batch
+from kvmesh.block_hash import hash_block, hash_blocks, model_fingerprint, namespace_hash
 from kvmesh.config import ModelConfig
 from kvmesh.kv_cache import (
     KVLayout,
@@ -52,6 +53,8 @@ class EngineConfig:
     """KV pool size in bytes, used when num_blocks is None."""
     prefill_chunk_size: int = 512
     """Most prompt tokens one sequence computes in one forward pass."""
+    enable_prefix_caching: bool = True
+    """Keep full blocks findable by hash after use, and reuse them for prompts that start the same way."""
 
 
 class Engine:
@@ -61,8 +64,10 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig = EngineConfig(),
         make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None,
+        model_fingerprint: str = "",
     ) -> None:
-        """make_pool_storage, when given, allocates the pool tensor for the layout the engine decides on
+        """model_fingerprint names the weights in every block hash (`kvmesh.block_hash.model_fingerprint`).
+        make_pool_storage, when given, allocates the pool tensor for the layout the engine decides on
         (shared memory, so that another process can write KV straight into it)."""
         self.model = model
         self.tokenizer = tokenizer
@@ -81,7 +86,8 @@ class Engine:
             )
         layout = layout.with_blocks(num_blocks)
         storage = make_pool_storage(layout) if make_pool_storage else None
-        self.pool = KVPool(layout, self.device, storage)
+        self.pool = KVPool(layout, self.device, storage, config.enable_prefix_caching)
+        self.model_fingerprint = model_fingerprint or model.config.fingerprint()
         self.stop_checker = StopChecker(tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
 
     @classmethod
@@ -95,14 +101,17 @@ class Engine:
         num_blocks: int | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         prefill_chunk_size: int = 512,
+        enable_prefix_caching: bool = True,
         make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None,
     ) -> Engine:
         """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)."""
         path = Path(path)
         model = load_model(path, parse_dtype(dtype), device)
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-        config = EngineConfig(block_size, num_blocks, kv_cache_bytes, prefill_chunk_size)
-        return cls(model, tokenizer, config, make_pool_storage)
+        config = EngineConfig(
+            block_size, num_blocks, kv_cache_bytes, prefill_chunk_size, enable_prefix_caching
+        )
+        return cls(model, tokenizer, config, make_pool_storage, model_fingerprint(path))
 
     # ---- what the engine reports -------------------------------------------------------------
 
@@ -123,12 +132,31 @@ class Engine:
 
     # ---- the sequence protocol ---------------------------------------------------------------
 
-    def add_sequence(self, prompt_token_ids: Seq[int], params: SamplingParams = SamplingParams()) -> Sequence:
-        """A new sequence holding no blocks. Raises ValueError when the prompt does not fit the context."""
+    def add_sequence(
+        self,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams = SamplingParams(),
+        *,
+        cache_salt: str = "",
+        use_prefix_cache: bool = True,
+    ) -> Sequence:
+        """A new sequence. It starts with the blocks of the longest cached prefix of its prompt (counted in
+        `seq.num_cached_tokens`), never the whole prompt: the last prompt token is always computed, for its
+        logits. Raises ValueError when the prompt does not fit the context."""
         limit = self.config.max_position_embeddings
         if len(prompt_token_ids) >= limit:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's context is {limit}")
-        return Sequence(list(prompt_token_ids), params, self.device)
+        seq = Sequence(list(prompt_token_ids), params, self.device)
+        seq.namespace = namespace_hash(self.model_fingerprint, cache_salt)
+        if use_prefix_cache:
+            num_blocks = (len(seq) - 1) // self.block_size
+            hashes = hash_blocks(
+                seq.namespace, seq.token_ids[: num_blocks * self.block_size], self.block_size
+            )
+            seq.block_table = self.pool.allocator.match(hashes, self.block_size)
+            seq.block_hashes = hashes[: len(seq.block_table)]
+            seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        return seq
 
     def num_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks `seq` must still take for its KV to cover `num_tokens` tokens."""
@@ -184,7 +212,18 @@ class Engine:
                 out = list(self.model.logits(hidden[ends - 1]).unbind(0))
         for seq, n in zip(seqs, num_new, strict=True):
             seq.num_computed_tokens += n
+            self._cache_full_blocks(seq)
         return out
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Hash the blocks of seq that became full and computed, and make them findable."""
+        block_size = self.block_size
+        while len(seq.block_hashes) < seq.num_computed_tokens // block_size:
+            index = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.namespace
+            block_hash = hash_block(parent, seq.token_ids[index * block_size : (index + 1) * block_size])
+            seq.block_hashes.append(block_hash)
+            self.pool.allocator.cache_block(seq.block_table[index], block_hash)
 
     def sample(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> list[int]:
         """One next token per sequence from its last-token logits."""
@@ -202,10 +241,24 @@ class Engine:
             raise ValueError(f"cannot truncate a {len(seq)}-token sequence to {num_tokens}")
         del seq.token_ids[num_tokens:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        allocator = self.pool.allocator
         keep = num_blocks_for_tokens(num_tokens, self.block_size)
         if keep < len(seq.block_table):
-            self.pool.allocator.free(seq.block_table[keep:])
+            allocator.free(seq.block_table[keep:])
             del seq.block_table[keep:]
+        num_full = num_tokens // self.block_size
+        if num_full < len(seq.block_hashes):
+            # The block the cut falls in will be rewritten: it must stop being findable by its old hash,
+            # and a block someone else also reads gets a private copy first.
+            partial = seq.block_table[num_full] if num_full < keep else None
+            if partial is not None and allocator.ref_count(partial) > 1:
+                [private] = allocator.allocate(1)
+                self.pool.kv[:, :, private].copy_(self.pool.kv[:, :, partial])
+                allocator.free([partial])
+                seq.block_table[num_full] = private
+            elif partial is not None:
+                allocator.uncache_block(partial)
+            del seq.block_hashes[num_full:]
         seq.finish_reason = None
 
     def free(self, seq: Sequence) -> None:
@@ -226,7 +279,7 @@ class Engine:
 
     def logits(self, token_ids: Seq[int]) -> torch.Tensor:
         """[len(token_ids), V] float32 logits of a prompt, computed through the paged, chunked path."""
-        seq = self.add_sequence(token_ids)
+        seq = self.add_sequence(token_ids, use_prefix_cache=False)
         try:
             parts = []
             while seq.num_uncomputed_tokens:

@@ -14,14 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvmesh.block_allocator import BlockAllocator, OutOfBlocks
 
-class OutOfBlocks(RuntimeError):
-    """The pool has fewer free blocks than a request needs. Nothing was allocated."""
-
-    def __init__(self, num_needed: int, num_free: int) -> None:
-        super().__init__(f"KV pool exhausted: {num_needed} blocks needed, {num_free} free")
-        self.num_needed = num_needed
-        self.num_free = num_free
+__all__ = ["BlockAllocator", "KVLayout", "KVPool", "OutOfBlocks", "PoolUsage"]
 
 
 @dataclass(frozen=True)
@@ -59,59 +54,6 @@ class KVLayout:
         )
 
 
-class BlockAllocator:
-    """Reference-counted block ids over a fixed pool.
-
-    `can_allocate` / `allocate` / `free` are the protocol. `allocate` is all-or-nothing. The free list is
-    a preallocated stack, so allocating and freeing create no Python containers.
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        # NOTE: a stack of free ids; the lowest ids are handed out first, which keeps tests' block ids exact.
-        self._free_stack: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._ref_counts: list[int] = [0] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free_stack)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free_stack)
-
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free_stack)
-
-    def allocate(self, num_blocks: int) -> list[int]:
-        """Take `num_blocks` free blocks with a reference count of one. Raises OutOfBlocks, taking none."""
-        if num_blocks > len(self._free_stack):
-            raise OutOfBlocks(num_blocks, len(self._free_stack))
-        block_ids = [self._free_stack.pop() for _ in range(num_blocks)]
-        for block_id in block_ids:
-            self._ref_counts[block_id] = 1
-        return block_ids
-
-    def incref(self, block_id: int) -> None:
-        """Share an allocated block with another owner (prefix sharing, forks)."""
-        if self._ref_counts[block_id] <= 0:
-            raise ValueError(f"block {block_id} is not allocated")
-        self._ref_counts[block_id] += 1
-
-    def free(self, block_ids: list[int]) -> None:
-        """Drop one reference to each block; a block whose count reaches zero returns to the free stack."""
-        for block_id in block_ids:
-            count = self._ref_counts[block_id]
-            if count <= 0:
-                raise ValueError(f"block {block_id} freed more often than allocated")
-            self._ref_counts[block_id] = count - 1
-            if count == 1:
-                self._free_stack.append(block_id)
-
-    def ref_count(self, block_id: int) -> int:
-        return self._ref_counts[block_id]
-
-
 class KVPool:
     """The preallocated KV tensor of a worker plus its allocator.
 
@@ -120,7 +62,11 @@ class KVPool:
     """
 
     def __init__(
-        self, layout: KVLayout, device: torch.device | str = "cpu", storage: torch.Tensor | None = None
+        self,
+        layout: KVLayout,
+        device: torch.device | str = "cpu",
+        storage: torch.Tensor | None = None,
+        enable_caching: bool = True,
     ):
         if storage is None:
             storage = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
@@ -130,7 +76,7 @@ class KVPool:
             )
         self.layout = layout
         self.kv = storage
-        self.allocator = BlockAllocator(layout.num_blocks)
+        self.allocator = BlockAllocator(layout.num_blocks, enable_caching)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) views of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""

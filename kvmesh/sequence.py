@@ -35,6 +35,12 @@ class Sequence:
         self.num_computed_tokens = 0
         """Tokens whose K and V are in the pool; always <= len(token_ids)."""
         self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        """Prompt tokens whose KV came from the prefix cache."""
+        self.namespace = b""
+        """h(-1) of this sequence's block-hash chain (model, tenant salt)."""
+        self.block_hashes: list[bytes] = []
+        """Hashes of the leading full, computed blocks, in order."""
         self.params = params
         self.generator = params.make_generator(device)
         self.finish_reason: FinishReason | None = None

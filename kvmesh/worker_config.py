@@ -34,6 +34,8 @@ class ModelSettings:
     """KV pool size in blocks."""
     prefill_chunk_size: int = 512
     """Most prompt tokens one sequence computes per forward pass."""
+    enable_prefix_caching: bool = True
+    """Keep computed blocks findable by hash and reuse them for prompts that start the same way."""
     num_threads: int = 1
     """torch intra-op threads; one each keeps four roles on two cores from fighting."""
 

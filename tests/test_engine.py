@@ -171,7 +171,7 @@ def test_running_out_of_blocks_is_a_catchable_error_that_leaks_nothing():
     with pytest.raises(OutOfBlocks):
         engine.generate(random_ids(10), 30, ignore_eos=True)
     assert engine.pool_usage().num_blocks_free == 5
-    seq = engine.add_sequence(random_ids(30))
+    seq = engine.add_sequence(random_ids(30, seed=1))
     assert not engine.can_reserve(seq, 30)
     with pytest.raises(OutOfBlocks):
         engine.reserve(seq, 30)
