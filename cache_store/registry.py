@@ -42,6 +42,8 @@ class WorkerInfo:
     """Workers with the same host_id can use shared memory between them."""
     transports: tuple[str, ...] = ()
     load: WorkerLoad = WorkerLoad()
+    model_fingerprint: str = ""
+    """Identity of the model and weights the worker serves (kvmesh.block_hash.model_fingerprint)."""
 
 
 @dataclass
@@ -67,7 +69,10 @@ class WorkerRegistry:
         self._records: dict[str, _Record] = {}
 
     def register(self, worker: WorkerInfo) -> None:
-        """Adds the worker, or replaces the record with the same worker_id (a restarted worker)."""
+        """Adds the worker, or replaces the record with the same worker_id (a restarted worker).
+
+        Replacing is not going away: expire() will not report the old record.
+        """
         self._records[worker.worker_id] = _Record(worker, self._clock())
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
@@ -77,19 +82,33 @@ class WorkerRegistry:
         if record is None or self._is_expired(record, now):
             # NOTE: an expired worker must re-register rather than come back silently: the store may
             # have dropped what it knew about it, and re-registering makes it re-send its inventory.
-            self._records.pop(worker_id, None)
+            # The record stays for expire() to remove, so that whoever follows expire() (the block
+            # index) hears of every worker that goes away.
             return False
         record.worker = dataclasses.replace(record.worker, load=load)
         record.last_seen_s = now
         return True
 
     def expire(self) -> list[str]:
-        """Drops the workers whose heartbeat is overdue; returns their ids."""
+        """Drops the workers whose heartbeat is overdue; returns their ids.
+
+        The only way a worker leaves the registry, so the caller learns of every departure here.
+        """
         now = self._clock()
         expired = [worker_id for worker_id, r in self._records.items() if self._is_expired(r, now)]
         for worker_id in expired:
             del self._records[worker_id]
         return expired
+
+    def is_live(self, worker_id: str) -> bool:
+        """True when worker_id is registered and not expired."""
+        record = self._records.get(worker_id)
+        return record is not None and not self._is_expired(record, self._clock())
+
+    def live_worker_ids(self) -> set[str]:
+        """Ids of the registered, unexpired workers."""
+        now = self._clock()
+        return {worker_id for worker_id, r in self._records.items() if not self._is_expired(r, now)}
 
     def list_workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
         """Live workers of one role (None: all), ordered by worker_id."""

@@ -17,6 +17,8 @@ class DecodeConfig:
     """Most sequences decoded in one forward pass."""
     max_tokens_limit: int = 4096
     """Largest max_tokens a request may ask for."""
+    require_cache_salt: bool = False
+    """Refuse requests without a tenant cache salt (set when the gateway runs with multi-tenancy)."""
     metrics_port: int | None = None
     """Prometheus metrics port; None: no metrics server."""
     kv_quarantine_s: float = 2.0

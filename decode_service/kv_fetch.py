@@ -40,20 +40,23 @@ class PrefillClient:
     async def fetch(
         self, request: decode_pb2.GenerateRequest, seq: Sequence, timeout_s: float | None
     ) -> prefill_pb2.PrefillDone:
-        """Have the prefill worker compute the KV of all prompt tokens but the last into seq's blocks.
+        """Have the prefill worker compute the KV of all prompt tokens but the last, and write the blocks
+        this worker does not have cached into seq's blocks.
 
         The last prompt token is left for the decode loop, whose first step then yields the first
         token's logits. Raises grpc errors of the prefill call as they are (UNAVAILABLE is retried by
         the gateway), ServiceError(DATA_LOSS) when the bytes arrive corrupted.
         """
         tokens = seq.token_ids[: len(seq) - 1]
-        block_ids = seq.block_table[: num_blocks_for_tokens(len(tokens), self._engine.block_size)]
+        first_block = seq.num_cached_tokens // self._engine.block_size
+        block_ids = seq.block_table[first_block : num_blocks_for_tokens(len(tokens), self._engine.block_size)]
         destination = prefill_pb2.KVDestination(
             transport=request.transport,
             shm_name=self._shm_name if request.transport == "shm" else "",
             block_ids=block_ids,
             layout=layout_to_proto(self._engine.pool.layout),
             host_id=self._host_id,
+            first_block=first_block,
         )
         call = self._stub(request.prefill_address).Prefill(
             prefill_pb2.PrefillRequest(

@@ -65,12 +65,21 @@ class DecodeLoop:
     def num_running(self) -> int:
         return len(self._streams)
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run fn in the loop between two forward passes; returns its result or raises its exception."""
+    async def call(self, fn: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
+        """Run fn in the loop between two forward passes; returns its result or raises its exception.
+
+        If the caller is cancelled before fn ran, fn never runs; if after, `undo` gets fn's result (a
+        cancelled handler must not leak the blocks that fn took for it).
+        """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._ops.append((fn, future))
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if undo is not None and future.done() and not future.cancelled() and future.exception() is None:
+                undo(future.result())
+            raise
 
     def join(self, seq: Sequence) -> Stream:
         """Start decoding seq (its uncomputed tokens first). Its tokens arrive on the stream's queue."""
@@ -129,6 +138,8 @@ class DecodeLoop:
     def _run_ops(self) -> None:
         while self._ops:
             fn, future = self._ops.popleft()
+            if future is not None and future.done():  # its caller was cancelled: nobody wants it
+                continue
             try:
                 result = fn()
             except Exception as error:

@@ -22,7 +22,8 @@ from decode_service.scheduler import DecodeLoop, TokenEvent
 from kvmesh.engine import Engine
 from kvmesh.kv_cache import KVLayout, OutOfBlocks
 from kvmesh.protocol import FINISH_REASON_TO_PROTO, invalid, sampling_from_proto
-from kvmesh.registration import keep_registered, worker_info
+from kvmesh.registration import join_mesh, worker_info
+from kvmesh.sampling import SamplingParams
 from kvmesh.sequence import Sequence
 from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
 from kvmesh.telemetry import start_metrics_server, tracer
@@ -54,8 +55,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.GenerateChunk]:
         arrived = time.perf_counter()
-        seq = self._admit(request)
-        usage = common_pb2.Usage(prompt_tokens=len(seq), completion_tokens=0)
+        prompt, params = self._validate(request)
+        try:
+            # Matching the prefix cache takes blocks: it runs in the loop, between forward passes.
+            seq = await self._loop.call(
+                lambda: self._engine.add_sequence(prompt, params, cache_salt=request.cache_salt),
+                undo=self._loop.release_soon,
+            )
+        except ValueError as error:
+            raise invalid(f"prompt_token_ids: {error}") from error
+        usage = common_pb2.Usage(prompt_tokens=len(seq), cached_tokens=seq.num_cached_tokens)
         quarantine_s = 0.0
         self.num_waiting += 1
         waiting = True
@@ -68,18 +77,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     f"decode worker KV pool is full ({error.num_needed} blocks needed, {error.num_free} free); "
                     "retry later or on another worker",
                 ) from error
-            if request.prefill_address and len(seq) > 1:
+            if request.prefill_address and seq.num_cached_tokens < len(seq) - 1:
                 quarantine_s = self._config.kv_quarantine_s if request.transport == "shm" else 0.0
                 done = await self._prefill.fetch(request, seq, deadline_s(context))
                 quarantine_s = 0.0  # the prefill worker has finished writing
                 seq.num_computed_tokens = len(seq) - 1
-                usage.prefilled_tokens = done.num_tokens
+                # The prefill worker may have had more of the prompt cached than this worker.
+                usage.prefilled_tokens = done.num_tokens + 1
+                usage.cached_tokens = len(seq) - usage.prefilled_tokens
                 usage.stage_ms.prefill_ms = done.prefill_ms
                 usage.stage_ms.transfer_ms = done.transfer_ms
                 usage.transfer_bytes = done.num_bytes
                 usage.transport = request.transport
             else:
-                usage.prefilled_tokens = len(seq)
+                usage.prefilled_tokens = len(seq) - seq.num_cached_tokens
             self.num_waiting -= 1
             waiting = False
             stream = self._loop.join(seq)
@@ -89,7 +100,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             usage.ttft_ms = _ms((stream.first_token_at or arrived) - arrived)
             usage.stage_ms.queue_ms = _ms((stream.first_step_at or arrived) - stream.joined_at)
             usage.stage_ms.decode_ms = _ms(time.perf_counter() - (stream.first_token_at or arrived))
-            if not request.prefill_address:
+            if not usage.transport:
                 usage.stage_ms.prefill_ms = usage.ttft_ms
             yield decode_pb2.GenerateChunk(
                 finish_reason=FINISH_REASON_TO_PROTO[seq.finish_reason], usage=usage
@@ -98,23 +109,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             self.num_waiting -= waiting
             self._loop.release_soon(seq, quarantine_s)
 
-    def _admit(self, request: decode_pb2.GenerateRequest) -> Sequence:
+    def _validate(self, request: decode_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
         vocab = self._engine.config.vocab_size
         if not prompt:
             raise invalid("prompt_token_ids is empty: send at least one token")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise invalid(f"prompt_token_ids must be in [0, {vocab}); got a token out of range")
+        if self._config.require_cache_salt and not request.cache_salt:
+            raise invalid("cache_salt is empty: with multi-tenancy on, every request needs its tenant's salt")
         if request.prefill_address and request.transport not in self._config.registration.transports:
             raise invalid(
                 f"transport {request.transport!r} is not offered by this worker "
                 f"(offered: {', '.join(self._config.registration.transports)})"
             )
-        params = sampling_from_proto(request.sampling, 64, self._config.max_tokens_limit)
-        try:
-            return self._engine.add_sequence(prompt, params)
-        except ValueError as error:
-            raise invalid(f"prompt_token_ids: {error}") from error
+        return prompt, sampling_from_proto(request.sampling, 64, self._config.max_tokens_limit)
 
     async def _stream_tokens(
         self, events: asyncio.Queue[TokenEvent | BaseException], seq: Sequence, usage: common_pb2.Usage
@@ -166,6 +175,7 @@ async def serve(config: DecodeConfig) -> RunningServer:
         num_blocks=config.model.num_blocks,
         kv_cache_bytes=config.model.kv_cache_bytes,
         prefill_chunk_size=config.model.prefill_chunk_size,
+        enable_prefix_caching=config.model.enable_prefix_caching,
         make_pool_storage=shared_storage if "shm" in config.registration.transports else None,
     )
     engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
@@ -176,10 +186,8 @@ async def serve(config: DecodeConfig) -> RunningServer:
         [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], [SERVICE_NAME], config.server
     )
     running.add_background_task(loop.start())
-    worker = worker_info(config.registration, WorkerRole.DECODE, running.port)
-    running.add_background_task(
-        asyncio.create_task(keep_registered(config.registration, worker, servicer.load))
-    )
+    worker = worker_info(config.registration, WorkerRole.DECODE, running.port, engine.model_fingerprint)
+    join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
     running.add_background_task(asyncio.create_task(prefill.close_on_cancel()))
     for handle in shared:
         running.on_stop(handle.close)

@@ -14,6 +14,8 @@ import grpc
 
 from cache_store.registry import WorkerInfo, WorkerLoad, WorkerRole
 from cache_store.server import load_to_proto, worker_to_proto
+from kvmesh.kv_events import KVEventSource, publish_kv_events
+from kvmesh.server import RunningServer
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 from kvmesh.worker_config import RegistrationSettings
 
@@ -24,7 +26,9 @@ RETRY_S = 0.5
 CALL_TIMEOUT_S = 2.0
 
 
-def worker_info(settings: RegistrationSettings, role: WorkerRole, port: int) -> WorkerInfo:
+def worker_info(
+    settings: RegistrationSettings, role: WorkerRole, port: int, model_fingerprint: str
+) -> WorkerInfo:
     address = f"{settings.advertise_host}:{port}"
     return WorkerInfo(
         worker_id=settings.worker_id or f"{role.value}@{address}",
@@ -32,6 +36,21 @@ def worker_info(settings: RegistrationSettings, role: WorkerRole, port: int) -> 
         address=address,
         host_id=settings.host_id,
         transports=settings.transports,
+        model_fingerprint=model_fingerprint,
+    )
+
+
+def join_mesh(
+    running: RunningServer,
+    settings: RegistrationSettings,
+    worker: WorkerInfo,
+    load: Callable[[], WorkerLoad],
+    kv_events: KVEventSource,
+) -> None:
+    """Background tasks of a worker's server: registration with heartbeats, and its KV event stream."""
+    running.add_background_task(asyncio.create_task(keep_registered(settings, worker, load)))
+    running.add_background_task(
+        asyncio.create_task(publish_kv_events(settings.cache_store_address, worker.worker_id, kv_events))
     )
 
 

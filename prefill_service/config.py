@@ -13,5 +13,7 @@ class PrefillConfig:
     server: ServerConfig
     model: ModelSettings
     registration: RegistrationSettings
+    require_cache_salt: bool = False
+    """Refuse requests without a tenant cache salt (set when the gateway runs with multi-tenancy)."""
     metrics_port: int | None = None
     """Prometheus metrics port; None: no metrics server."""

@@ -21,7 +21,7 @@ from cache_store.registry import WorkerLoad, WorkerRole
 from kvmesh.engine import Engine
 from kvmesh.kv_cache import OutOfBlocks, num_blocks_for_tokens
 from kvmesh.protocol import invalid, layout_from_proto
-from kvmesh.registration import keep_registered, worker_info
+from kvmesh.registration import join_mesh, worker_info
 from kvmesh.sequence import Sequence
 from kvmesh.server import RunningServer, ServiceError, start_server
 from kvmesh.telemetry import start_metrics_server, tracer
@@ -53,7 +53,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[prefill_pb2.PrefillChunk]:
         dest = self._destination(request)
-        seq = self._new_sequence(request)
+        seq: Sequence | None = None
         try:
             self.num_waiting += 1
             try:
@@ -62,15 +62,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 self.num_waiting -= 1
             self.num_running += 1
             try:
+                seq = self._new_sequence(request)
                 prefill_ms = await self._compute(seq)
             finally:
                 self.num_running -= 1
                 self._lock.release()
+            dest_first = request.destination.first_block
             with _tracer.start_as_current_span("ship") as span:
                 span.set_attribute("kvmesh.transport", dest.transport)
                 started = time.perf_counter()
                 if dest.transport == "grpc":
-                    chunks = iter_chunks(self._engine.pool, seq.block_table, dest=dest)
+                    chunks = iter_chunks(self._engine.pool, seq.block_table[dest_first:], dest=dest)
                     for chunk in chunks:
                         yield prefill_pb2.PrefillChunk(
                             data=prefill_pb2.KVData(
@@ -79,13 +81,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                         )
                     num_bytes, crc32 = chunks.num_bytes, chunks.crc32
                 else:
-                    stats = await self._senders[dest.transport].send(self._engine.pool, seq.block_table, dest)
+                    stats = await self._senders[dest.transport].send(
+                        self._engine.pool, seq.block_table[dest_first:], dest
+                    )
                     num_bytes, crc32 = stats.num_bytes, 0
                 transfer_ms = (time.perf_counter() - started) * 1000.0
                 span.set_attribute("kvmesh.num_bytes", num_bytes)
             yield prefill_pb2.PrefillChunk(
                 done=prefill_pb2.PrefillDone(
-                    num_tokens=len(seq),
+                    num_tokens=len(seq) - seq.num_cached_tokens,
                     num_bytes=num_bytes,
                     prefill_ms=prefill_ms,
                     transfer_ms=transfer_ms,
@@ -93,7 +97,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 )
             )
         finally:
-            self._free(seq)
+            if seq is not None:
+                self._free(seq)
 
     def _destination(self, request: prefill_pb2.PrefillRequest) -> KVDestination:
         if not request.token_ids:
@@ -106,7 +111,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
         if spec.transport == "shm" and spec.host_id != self._config.registration.host_id:
             raise invalid("destination.transport 'shm' needs the decode worker on this prefill worker's host")
-        needed = num_blocks_for_tokens(len(request.token_ids), self._engine.block_size)
+        if self._config.require_cache_salt and not request.cache_salt:
+            raise invalid("cache_salt is empty: with multi-tenancy on, every request needs its tenant's salt")
+        num_blocks = num_blocks_for_tokens(len(request.token_ids), self._engine.block_size)
+        if not 0 <= spec.first_block < num_blocks:
+            raise invalid(f"destination.first_block must be in [0, {num_blocks}), got {spec.first_block}")
+        needed = num_blocks - spec.first_block
         if len(spec.block_ids) != needed:
             raise invalid(
                 f"destination.block_ids has {len(spec.block_ids)} blocks; {len(request.token_ids)} tokens need {needed}"
@@ -119,7 +129,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     def _new_sequence(self, request: prefill_pb2.PrefillRequest) -> Sequence:
         try:
-            return self._engine.add_sequence(list(request.token_ids))
+            return self._engine.add_sequence(list(request.token_ids), cache_salt=request.cache_salt)
         except ValueError as error:
             raise invalid(f"token_ids: {error}") from error
 
@@ -184,16 +194,15 @@ async def serve(config: PrefillConfig) -> RunningServer:
         num_blocks=config.model.num_blocks,
         kv_cache_bytes=config.model.kv_cache_bytes,
         prefill_chunk_size=config.model.prefill_chunk_size,
+        enable_prefix_caching=config.model.enable_prefix_caching,
     )
     engine.logits([1, 2, 3])  # warm-up
     servicer = PrefillServicer(engine, config)
     running = await start_server(
         [(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer)], [SERVICE_NAME], config.server
     )
-    worker = worker_info(config.registration, WorkerRole.PREFILL, running.port)
-    running.add_background_task(
-        asyncio.create_task(keep_registered(config.registration, worker, servicer.load))
-    )
+    worker = worker_info(config.registration, WorkerRole.PREFILL, running.port, engine.model_fingerprint)
+    join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
     running.on_stop(servicer.close)
     if config.metrics_port is not None:
         start_metrics_server(config.metrics_port)

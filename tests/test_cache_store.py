@@ -47,6 +47,7 @@ def make_worker_proto(
         host_id="host-a",
         transports=["shm", "grpc"],
         load=pb.WorkerLoad(num_blocks_free=10, num_blocks_total=16),
+        model_fingerprint="0123456789abcdef",
     )
 
 
@@ -89,6 +90,22 @@ def test_registry_expires_silent_workers() -> None:
     assert not registry.heartbeat("d0", WorkerLoad()), "an expired worker must re-register"
     registry.register(make_worker("d0"))
     assert [w.worker_id for w in registry.list_workers()] == ["d0", "d1"]
+
+
+def test_registry_expire_reports_a_worker_that_heartbeats_too_late() -> None:
+    clock = FakeClock()
+    registry = WorkerRegistry(expiry_ms=1000, clock=clock)
+    registry.register(make_worker("d0"))
+    registry.register(make_worker("d1"))
+    assert registry.is_live("d0")
+    assert registry.live_worker_ids() == {"d0", "d1"}
+    clock.now_s += 1.5
+    assert registry.heartbeat("d1", WorkerLoad()) is False
+    assert not registry.is_live("d1")
+    assert registry.live_worker_ids() == set()
+    # Whoever follows expire() (the block index) must hear of d1 too, though its heartbeat came first.
+    assert registry.expire() == ["d0", "d1"]
+    assert not registry.is_live("ghost")
 
 
 def test_registry_register_again_replaces() -> None:

@@ -85,13 +85,28 @@ def test_streamed_completion_equals_the_engine_in_process(
     usage = last.usage
     assert usage.completion_tokens == len(expected)
     assert usage.prompt_tokens == len(PromptLayout(engine.tokenizer).completion(PREFIX, SUFFIX))
+    assert usage.cached_tokens == 0 and usage.prefilled_tokens == usage.prompt_tokens
     if num_prefill:
         assert usage.transport == gateway_transport
-        assert usage.prefilled_tokens == usage.prompt_tokens - 1
-        assert usage.transfer_bytes == -(-usage.prefilled_tokens // 16) * engine.kv_bytes_per_token * 16
+        assert usage.transfer_bytes == -(-(usage.prompt_tokens - 1) // 16) * engine.kv_bytes_per_token * 16
     else:
         assert usage.transport == "" and usage.transfer_bytes == 0
     assert usage.ttft_ms > 0 and usage.stage_ms["decode"] > 0
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_a_repeat_keystroke_reuses_the_cached_prefix_and_ships_only_the_rest(model_path, engine, transport):
+    spec = MeshSpec(str(model_path), gateway={"transport": transport})
+    with MeshInThread(spec) as mesh:
+        _, _, first = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=8)
+        tokens, _, second = stream(mesh.gateway_address, prefix=PREFIX + "c", suffix=SUFFIX, max_tokens=8)
+    assert tokens == expected_completion(engine, PREFIX + "c", SUFFIX, 8)
+    assert first.usage.cached_tokens == 0
+    usage = second.usage
+    # SPM: the suffix comes first, so only the block holding the cursor changed.
+    assert usage.cached_tokens >= usage.prompt_tokens - 2 * 16
+    assert usage.prefilled_tokens == usage.prompt_tokens - usage.cached_tokens
+    assert 0 < usage.transfer_bytes < first.usage.transfer_bytes
 
 
 def test_every_role_reports_serving_and_one_trace_spans_every_hop(model_path):
@@ -142,6 +157,7 @@ def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, trans
     with MeshInThread(spec) as mesh:
         stream(mesh.gateway_address, prefix=prefix, suffix=SUFFIX, max_tokens=2)  # warm channels
         baseline_tasks = mesh.run(_num_tasks())
+        baseline_names = mesh.run(_task_names())
         before = _settled(mesh)
         with Client(mesh.gateway_address) as client:
             stub = client._stub
@@ -171,10 +187,15 @@ def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, trans
         deadline = time.monotonic() + 10
         while mesh.run(_num_tasks()) > baseline_tasks and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert mesh.run(_num_tasks()) <= baseline_tasks
+        assert mesh.run(_num_tasks()) <= baseline_tasks, sorted(set(mesh.run(_task_names())) - set(baseline_names))
         # The mesh still answers exactly after the storm.
         tokens, _, _ = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=8)
         assert len(tokens) == 8
+
+
+async def _task_names() -> list[str]:
+    await asyncio.sleep(0)
+    return [repr(t.get_coro()) for t in asyncio.all_tasks()]
 
 
 async def _num_tasks() -> int:
