@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import torch
+from prometheus_client.registry import REGISTRY
 
 from cache_store.registry import WorkerLoad, WorkerRole
 from decode_service.config import DecodeConfig
@@ -30,6 +31,7 @@ from kvmesh.telemetry import start_metrics_server, tracer
 from kvmesh.tokenizer import Detokenizer
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from kvmesh.worker_metrics import register_worker_metrics
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
@@ -192,6 +194,8 @@ async def serve(config: DecodeConfig) -> RunningServer:
     for handle in shared:
         running.on_stop(handle.close)
     if config.metrics_port is not None:
+        collector = register_worker_metrics("decode", engine.pool.allocator, servicer.load)
+        running.on_stop(lambda: REGISTRY.unregister(collector))
         start_metrics_server(config.metrics_port)
     await running.set_serving()
     logger.info("decode worker %s serving", worker.worker_id)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import torch
+from prometheus_client.registry import REGISTRY
 
 from cache_store.registry import WorkerLoad, WorkerRole
 from kvmesh.engine import Engine
@@ -28,6 +29,7 @@ from kvmesh.telemetry import start_metrics_server, tracer
 from kvmesh.transport.base import KVDestination, make_sender
 from kvmesh.transport.grpc_stream import iter_chunks
 from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
+from kvmesh.worker_metrics import register_worker_metrics
 from prefill_service.config import PrefillConfig
 
 logger = logging.getLogger(__name__)
@@ -205,6 +207,8 @@ async def serve(config: PrefillConfig) -> RunningServer:
     join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
     running.on_stop(servicer.close)
     if config.metrics_port is not None:
+        collector = register_worker_metrics("prefill", engine.pool.allocator, servicer.load)
+        running.on_stop(lambda: REGISTRY.unregister(collector))
         start_metrics_server(config.metrics_port)
     await running.set_serving()
     logger.info("prefill worker %s serving", worker.worker_id)

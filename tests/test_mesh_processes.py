@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -67,7 +69,15 @@ def model(tmp_path_factory: pytest.TempPathFactory, code_tokenizer) -> Path:
     )
 
 
-def start_mesh(model: Path, num_decode: int, transport: str) -> dict[str, Role]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mesh(
+    model: Path, num_decode: int, transport: str, decode_args: tuple[str, ...] = ()
+) -> dict[str, Role]:
     roles: dict[str, Role] = {}
     try:
         roles["cache-store"] = Role("cache-store", "--heartbeat-interval-ms", "100", "--expiry-ms", "1000")
@@ -75,7 +85,7 @@ def start_mesh(model: Path, num_decode: int, transport: str) -> dict[str, Role]:
         common = ["--cache-store", store, "--model", str(model)]
         roles["prefill"] = Role("prefill", *common, "--threads", "1")
         for i in range(num_decode):
-            roles[f"decode-{i}"] = Role("decode", *common, "--threads", "1")
+            roles[f"decode-{i}"] = Role("decode", *common, "--threads", "1", *decode_args)
         for name, role in roles.items():
             if name != "cache-store":
                 role.wait_serving()
@@ -157,3 +167,34 @@ def test_a_decode_worker_killed_mid_stream_is_resumed_on_another_without_gap_or_
     assert tokens == expected_tokens(model, 300)
     assert victim.process.returncode == -signal.SIGKILL
     assert chunks[-1].usage.completion_tokens == 300
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_worker_metrics_count_prefix_cache_queries_and_hits(model):
+    port = free_port()
+    roles = start_mesh(model, num_decode=1, transport="grpc", decode_args=("--metrics-port", str(port)))
+    try:
+        with grpc.insecure_channel(roles["gateway"].address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            list(stub.Complete(complete_request(4), timeout=60))
+            before = scrape(port)
+            last = list(stub.Complete(complete_request(4), timeout=60))[-1]
+            after = scrape(port)
+    finally:
+        for role in roles.values():
+            role.stop()
+    hits = 'vllm:prefix_cache_hits_total{role="decode"}'
+    queries = 'vllm:prefix_cache_queries_total{role="decode"}'
+    assert after[hits] - before[hits] == last.usage.cached_tokens > 0
+    assert after[queries] - before[queries] >= last.usage.cached_tokens
+    assert after['kvmesh_kv_blocks_used{role="decode"}'] == 0
+    assert after['kvmesh_kv_blocks_cached{role="decode"}'] > 0
