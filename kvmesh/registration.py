@@ -48,37 +48,50 @@ def join_mesh(
     kv_events: KVEventSource,
 ) -> None:
     """Background tasks of a worker's server: registration with heartbeats, and its KV event stream."""
-    running.add_background_task(asyncio.create_task(keep_registered(settings, worker, load)))
-    running.add_background_task(
-        asyncio.create_task(publish_kv_events(settings.cache_store_address, worker.worker_id, kv_events))
-    )
+    registered = asyncio.Event()
+    running.add_background_task(asyncio.create_task(keep_registered(settings, worker, load, registered)))
+
+    async def publish_once_registered() -> None:
+        # The cache store refuses events from a worker it does not know yet.
+        await registered.wait()
+        await publish_kv_events(settings.cache_store_address, worker.worker_id, kv_events)
+
+    running.add_background_task(asyncio.create_task(publish_once_registered()))
 
 
 async def keep_registered(
-    settings: RegistrationSettings, worker: WorkerInfo, load: Callable[[], WorkerLoad]
+    settings: RegistrationSettings,
+    worker: WorkerInfo,
+    load: Callable[[], WorkerLoad],
+    registered: asyncio.Event | None = None,
 ) -> None:
-    """Register, then heartbeat every interval the cache store asks for; runs until cancelled."""
+    """Register, then heartbeat every interval the cache store asks for; runs until cancelled.
+
+    `registered` is set after the first successful registration.
+    """
     async with grpc.aio.insecure_channel(settings.cache_store_address) as channel:
         stub = cache_store_pb2_grpc.CacheStoreStub(channel)
-        registered = False
+        is_registered = False
         interval_s = RETRY_S
         while True:
             try:
-                if not registered:
+                if not is_registered:
                     reply = await stub.Register(
                         cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)),
                         timeout=CALL_TIMEOUT_S,
                     )
                     interval_s = reply.heartbeat_interval_ms / 1000.0
-                    registered = True
+                    is_registered = True
+                    if registered is not None:
+                        registered.set()
                     logger.info("registered %s with the cache store", worker.worker_id)
                 heartbeat = await stub.Heartbeat(
                     cache_store_pb2.HeartbeatRequest(worker_id=worker.worker_id, load=load_to_proto(load())),
                     timeout=CALL_TIMEOUT_S,
                 )
-                registered = heartbeat.known
-                await asyncio.sleep(interval_s if registered else 0)
+                is_registered = heartbeat.known
+                await asyncio.sleep(interval_s if is_registered else 0)
             except grpc.aio.AioRpcError as error:
                 logger.warning("cache store %s: %s", settings.cache_store_address, error.code().name)
-                registered = False
+                is_registered = False
                 await asyncio.sleep(RETRY_S)

@@ -36,6 +36,7 @@ class MeshSpec:
     num_blocks: int = 256
     block_size: int = 16
     worker_transports: tuple[str, ...] = ("shm", "grpc")
+    enable_prefix_caching: bool = True
     gateway: dict[str, Any] = field(default_factory=dict)
     """Extra GatewayConfig fields."""
 
@@ -70,7 +71,12 @@ class MeshInThread:
         self.servers["cache-store"] = await serve_cache_store(
             CacheStoreConfig(heartbeat_interval_ms=100, expiry_ms=1000)
         )
-        model = ModelSettings(path=spec.model_path, num_blocks=spec.num_blocks, block_size=spec.block_size)
+        model = ModelSettings(
+            path=spec.model_path,
+            num_blocks=spec.num_blocks,
+            block_size=spec.block_size,
+            enable_prefix_caching=spec.enable_prefix_caching,
+        )
         registration = RegistrationSettings(
             cache_store_address=self.servers["cache-store"].address, transports=spec.worker_transports
         )
@@ -115,6 +121,15 @@ class MeshInThread:
             )
             for w in reply.workers
         }
+
+    async def restart_cache_store(self) -> None:
+        """Stop the cache store and start an empty one on the same port: workers must re-register and
+        re-send their inventories."""
+        old = self.servers.pop("cache-store")
+        await old.stop(0)
+        self.servers["cache-store"] = await serve_cache_store(
+            CacheStoreConfig(port=old.port, heartbeat_interval_ms=100, expiry_ms=1000)
+        )
 
     async def stop_server(self, name: str, grace_s: float = 0.0) -> None:
         await self.servers.pop(name).stop(grace_s)
