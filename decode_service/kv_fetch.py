@@ -60,7 +60,10 @@ class PrefillClient:
         )
         call = self._stub(request.prefill_address).Prefill(
             prefill_pb2.PrefillRequest(
-                request_id=request.request_id, token_ids=tokens, destination=destination
+                request_id=request.request_id,
+                token_ids=tokens,
+                destination=destination,
+                cache_salt=request.cache_salt,
             ),
             timeout=timeout_s,
         )
