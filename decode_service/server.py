@@ -31,6 +31,7 @@ from kvmesh.telemetry import start_metrics_server, tracer
 from kvmesh.tokenizer import Detokenizer
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from kvmesh.worker_config import load_engine
 from kvmesh.worker_metrics import register_worker_metrics
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 async def serve(config: DecodeConfig) -> RunningServer:
     """Load the model, start the decode loop and the server, join the mesh, report SERVING."""
-    torch.set_num_threads(config.model.num_threads)
     shared: list[SharedKVPool] = []
 
     def shared_storage(layout: KVLayout) -> torch.Tensor:
@@ -169,17 +169,7 @@ async def serve(config: DecodeConfig) -> RunningServer:
         shared.append(handle)
         return pool.kv
 
-    engine = Engine.from_pretrained(
-        config.model.path,
-        config.model.dtype,
-        config.model.device,
-        block_size=config.model.block_size,
-        num_blocks=config.model.num_blocks,
-        kv_cache_bytes=config.model.kv_cache_bytes,
-        prefill_chunk_size=config.model.prefill_chunk_size,
-        enable_prefix_caching=config.model.enable_prefix_caching,
-        make_pool_storage=shared_storage if "shm" in config.registration.transports else None,
-    )
+    engine = load_engine(config.model, shared_storage if "shm" in config.registration.transports else None)
     engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
     loop = DecodeLoop(engine, config.max_batch_size)
     prefill = PrefillClient(engine, shared[0].name if shared else "", config.registration.host_id)

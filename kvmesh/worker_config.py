@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmesh.engine import DEFAULT_KV_CACHE_BYTES
+import torch
+
+from kvmesh.engine import DEFAULT_KV_CACHE_BYTES, Engine
+from kvmesh.kv_cache import KVLayout
 
 
 def default_host_id() -> str:
@@ -54,3 +58,21 @@ class RegistrationSettings:
     """Machine identity for choosing the shared-memory transport."""
     transports: tuple[str, ...] = ("shm", "grpc")
     """KV transports this worker offers, best first."""
+
+
+def load_engine(
+    model: ModelSettings, make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None
+) -> Engine:
+    """The engine a worker serves, sized by its settings (and torch's threads set for it)."""
+    torch.set_num_threads(model.num_threads)
+    return Engine.from_pretrained(
+        model.path,
+        model.dtype,
+        model.device,
+        block_size=model.block_size,
+        num_blocks=model.num_blocks,
+        kv_cache_bytes=model.kv_cache_bytes,
+        prefill_chunk_size=model.prefill_chunk_size,
+        enable_prefix_caching=model.enable_prefix_caching,
+        make_pool_storage=make_pool_storage,
+    )

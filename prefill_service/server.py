@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 from prometheus_client.registry import REGISTRY
 
 from cache_store.registry import WorkerLoad, WorkerRole
@@ -29,6 +28,7 @@ from kvmesh.telemetry import start_metrics_server, tracer
 from kvmesh.transport.base import KVDestination, make_sender
 from kvmesh.transport.grpc_stream import iter_chunks
 from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
+from kvmesh.worker_config import load_engine
 from kvmesh.worker_metrics import register_worker_metrics
 from prefill_service.config import PrefillConfig
 
@@ -187,17 +187,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 async def serve(config: PrefillConfig) -> RunningServer:
     """Load the model, start the server, join the mesh, report SERVING."""
-    torch.set_num_threads(config.model.num_threads)
-    engine = Engine.from_pretrained(
-        config.model.path,
-        config.model.dtype,
-        config.model.device,
-        block_size=config.model.block_size,
-        num_blocks=config.model.num_blocks,
-        kv_cache_bytes=config.model.kv_cache_bytes,
-        prefill_chunk_size=config.model.prefill_chunk_size,
-        enable_prefix_caching=config.model.enable_prefix_caching,
-    )
+    engine = load_engine(config.model)
     engine.logits([1, 2, 3])  # warm-up
     servicer = PrefillServicer(engine, config)
     running = await start_server(

@@ -161,3 +161,23 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(scope="session")
+def mesh_model_path(tmp_path_factory: pytest.TempPathFactory, code_tokenizer: Tokenizer) -> Path:
+    """A tiny random-weight checkpoint for tests that run the mesh (weights large enough that greedy
+    decoding does not tie)."""
+    from kvmesh.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("mesh-model"),
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tokenizer=code_tokenizer,
+        init_std=0.2,
+    )

@@ -16,7 +16,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.layout import PromptLayout
-from kvmesh.checkpoint import write_random_checkpoint
 from kvmesh.client import Client
 from kvmesh.engine import Engine
 from kvmesh.telemetry import add_span_processor, setup_telemetry
@@ -29,22 +28,10 @@ EXPORTER = InMemorySpanExporter()
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory, code_tokenizer) -> Path:
+def model_path(mesh_model_path: Path) -> Path:
     setup_telemetry("kvmesh-tests")
     add_span_processor(SimpleSpanProcessor(EXPORTER))
-    path = tmp_path_factory.mktemp("mesh-model")
-    return write_random_checkpoint(
-        path,
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tokenizer=code_tokenizer,
-        init_std=0.2,
-    )
+    return mesh_model_path
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +174,9 @@ def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, trans
         deadline = time.monotonic() + 10
         while mesh.run(_num_tasks()) > baseline_tasks and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert mesh.run(_num_tasks()) <= baseline_tasks, sorted(set(mesh.run(_task_names())) - set(baseline_names))
+        assert mesh.run(_num_tasks()) <= baseline_tasks, sorted(
+            set(mesh.run(_task_names())) - set(baseline_names)
+        )
         # The mesh still answers exactly after the storm.
         tokens, _, _ = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=8)
         assert len(tokens) == 8

@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 from gateway.layout import PromptLayout
-from kvmesh.checkpoint import write_random_checkpoint
 from kvmesh.engine import Engine
 from kvmesh.launcher import SERVING_LINE
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc, gateway_pb2, gateway_pb2_grpc
@@ -55,18 +54,8 @@ class Role:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, code_tokenizer) -> Path:
-    return write_random_checkpoint(
-        tmp_path_factory.mktemp("model"),
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tokenizer=code_tokenizer,
-        init_std=0.2,
-    )
+def model(mesh_model_path: Path) -> Path:
+    return mesh_model_path
 
 
 def free_port() -> int:
