@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
 
 import grpc
 import grpc.aio
-from opentelemetry import trace
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -33,7 +32,8 @@ from tenacity import (
     wait_random,
 )
 
-from gateway.router import Route, WorkerPool
+from gateway.router import WorkerPool
+from gateway.routing_cost import Route, RoutePlan
 from kvmesh.server import ServiceError
 from kvmesh.telemetry import tracer
 from kvmesh.tokenizer import Tokenizer
@@ -41,8 +41,8 @@ from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-PlanRoute = Callable[[int, AbstractSet[str]], Route | None]
-"""(num_prompt_tokens, excluded worker_ids) -> the route of the next attempt, or None without workers."""
+PlanRoute = Callable[[Sequence[int], AbstractSet[str]], Awaitable[RoutePlan | None]]
+"""(prompt token ids, excluded worker_ids) -> the plan of the next attempt, or None without workers."""
 
 
 def _is_unavailable(error: BaseException) -> bool:
@@ -51,16 +51,6 @@ def _is_unavailable(error: BaseException) -> bool:
 
 def _is_last(chunk: decode_pb2.GenerateChunk) -> bool:
     return chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED or chunk.HasField("usage")
-
-
-def set_route_attributes(span: trace.Span, route: Route, num_prompt_tokens: int) -> None:
-    """The route span's attributes: sizes and worker ids only, never request text."""
-    span.set_attribute("kvmesh.prompt_tokens", num_prompt_tokens)
-    span.set_attribute("kvmesh.decode_worker", route.decode_worker.worker_id)
-    span.set_attribute(
-        "kvmesh.prefill_worker", route.prefill_worker.worker_id if route.prefill_worker else ""
-    )
-    span.set_attribute("kvmesh.transport", route.transport)
 
 
 class ResumableGeneration:
@@ -128,7 +118,7 @@ class ResumableGeneration:
         # or cancelling this generator still ends it, after the finally below has cancelled the call.
         async for attempt in retrying:
             with attempt:
-                route = self._route()
+                route = await self._route()
                 remaining_s = deadline - loop.time()
                 if remaining_s <= 0:
                     raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
@@ -173,15 +163,14 @@ class ResumableGeneration:
                         # client cancellation, deadline, a failed attempt. A no-op on a finished call.
                         call.cancel()
 
-    def _route(self) -> Route:
+    async def _route(self) -> Route:
         route, self._next_route = self._next_route, None
         if route is None:
-            num_prompt_tokens = len(self._request.prompt_token_ids) + len(self._sent_token_ids)
+            token_ids = [*self._request.prompt_token_ids, *self._sent_token_ids]
             with tracer(__name__).start_as_current_span("route") as span:
-                route = self._plan_route(num_prompt_tokens, self._failed)
                 span.set_attribute("kvmesh.attempt", self.num_attempts + 1)
-                if route is not None:
-                    set_route_attributes(span, route, num_prompt_tokens)
+                plan = await self._plan_route(token_ids, self._failed)
+                route = plan.route if plan is not None else None
         if route is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered; try again later")
         return route

@@ -1,7 +1,8 @@
 """The gateway's view of the workers: who is live, how loaded, and a channel to each.
 
 The cache store is the source of truth for who is live (workers register and heartbeat there); the pool
-re-reads it every refresh_ms and picks the least loaded worker of a role. Reported loads are only as
+re-reads it every refresh_ms; snapshot() hands the workers and their loads to the cost model
+(gateway.routing_cost), and pick() chooses the least loaded worker of a role. Reported loads are only as
 fresh as the last heartbeat, so the pool also counts the requests this gateway has in flight to each
 worker: a burst between two heartbeats spreads out instead of piling onto one worker.
 """
@@ -17,34 +18,24 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
 
 from cache_store.registry import WorkerInfo, WorkerRole
 from cache_store.server import worker_from_proto
+from gateway.prefix_lookup import PrefixLookup
+from gateway.routing_cost import Candidate, PoolSnapshot, RoutePlan, RoutingConfig, plan_route
 from kvmesh.server import ServiceError
+from kvmesh.telemetry import tracer
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 ChannelOptions = Sequence[tuple[str, int | str]]
-
-
-def choose_transport(prefill_worker: WorkerInfo, decode_worker: WorkerInfo) -> str:
-    """KV transport for a pair of workers: "shm" when both offer it on the same host, else "grpc"."""
-    same_host = bool(prefill_worker.host_id) and prefill_worker.host_id == decode_worker.host_id
-    if same_host and "shm" in prefill_worker.transports and "shm" in decode_worker.transports:
-        return "shm"
-    return "grpc"
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where one attempt at a request goes."""
-
-    decode_worker: WorkerInfo
-    prefill_worker: WorkerInfo | None = None
-    """None: the decode worker prefills the prompt itself."""
-    transport: str = ""
-    """KV transport from the prefill worker to the decode worker; "" without a prefill worker."""
+_STORE_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass
@@ -79,7 +70,11 @@ class WorkerPool:
     async def start(self) -> None:
         """Reads the worker list once (a cache store that is not up yet is not an error), then keeps
         refreshing it in the background until close()."""
-        self._store_channel = grpc.aio.insecure_channel(self._cache_store_address)
+        # NOTE: reconnect within a second of a cache store restart; gRPC's default backoff grows to two
+        # minutes, during which every lookup and refresh would fail fast.
+        self._store_channel = grpc.aio.insecure_channel(
+            self._cache_store_address, options=_STORE_CHANNEL_OPTIONS
+        )
         await self.refresh()
         self._refresh_task = asyncio.create_task(self._refresh_forever())
 
@@ -133,9 +128,26 @@ class WorkerPool:
         for address in [a for a in self._channels if a not in live and a not in busy]:
             self._stale_channels.append(self._channels.pop(address))
 
+    def snapshot(self) -> PoolSnapshot:
+        """The live workers with their loads now, for plan_route; not updated by later changes."""
+        return PoolSnapshot(
+            decode=tuple(Candidate(w, self.load(w)) for w in self.workers(WorkerRole.DECODE)),
+            prefill=tuple(Candidate(w, self.load(w)) for w in self.workers(WorkerRole.PREFILL)),
+        )
+
+    def store_channel(self) -> grpc.aio.Channel:
+        """The channel to the cache store (for Lookup); valid between start() and close()."""
+        if self._store_channel is None:
+            raise RuntimeError("call start() before store_channel()")
+        return self._store_channel
+
     def workers(self, role: WorkerRole) -> list[WorkerInfo]:
         """Live workers of one role, ordered by worker_id."""
         return [worker for worker in self._workers if worker.role == role]
+
+    def workers_of_all_roles(self) -> list[WorkerInfo]:
+        """Every live worker, ordered by worker_id."""
+        return list(self._workers)
 
     def pick(self, role: WorkerRole, exclude: AbstractSet[str] = frozenset()) -> WorkerInfo | None:
         """The least loaded live worker of role whose worker_id is not in exclude; None when there is none.
@@ -190,38 +202,42 @@ class WorkerPool:
             await self.refresh()
 
 
-def plan_route(
-    pool: WorkerPool,
-    num_prompt_tokens: int,
-    *,
-    use_prefill_min_tokens: int = 0,
-    transport: str = "auto",
-    exclude: AbstractSet[str] = frozenset(),
-) -> Route | None:
-    """Picks the decode worker and, for a long enough prompt, a prefill worker; None: no decode worker.
+class Router:
+    """Plans routes: hashes the prompt, asks the cache store who holds it, then plan_route."""
 
-    exclude holds the worker_ids that failed this request already; when every decode worker failed, the
-    least loaded one is tried again rather than giving up. transport is "auto", "shm" (only prefill
-    workers that can write to the decode worker's shared memory are used) or "grpc".
-    """
-    decode_worker = pool.pick(WorkerRole.DECODE, exclude) or pool.pick(WorkerRole.DECODE)
-    if decode_worker is None:
-        return None
-    if num_prompt_tokens < use_prefill_min_tokens:
-        return Route(decode_worker)
-    unfit = set(exclude)
-    if transport == "shm":
-        unfit.update(
-            worker.worker_id
-            for worker in pool.workers(WorkerRole.PREFILL)
-            if choose_transport(worker, decode_worker) != "shm"
-        )
-    # NOTE: a failed prefill worker is not retried: the decode worker can always prefill by itself.
-    prefill_worker = pool.pick(WorkerRole.PREFILL, unfit)
-    if prefill_worker is None:
-        return Route(decode_worker)
-    chosen = "grpc" if transport == "grpc" else choose_transport(prefill_worker, decode_worker)
-    return Route(decode_worker, prefill_worker, chosen)
+    def __init__(self, pool: WorkerPool, lookup: PrefixLookup, config: RoutingConfig) -> None:
+        if lookup.block_size != config.block_size:
+            raise ValueError(
+                f"lookup block size {lookup.block_size} != routing block size {config.block_size}"
+            )
+        self._pool = pool
+        self._lookup = lookup
+        self._config = config
+        self._tracer = tracer(__name__)
+
+    async def plan(
+        self, token_ids: Sequence[int], cache_salt: str, exclude: AbstractSet[str] = frozenset()
+    ) -> RoutePlan | None:
+        """The route for a prompt, None without decode workers. The decision and its inputs become
+        attributes of the current span (the request's "route" span); the lookup is a child span."""
+        workers = [(w.worker_id, w.model_fingerprint) for w in self._pool.workers_of_all_roles()]
+        with self._tracer.start_as_current_span("cache_lookup") as lookup_span:
+            found = await self._lookup.find(token_ids, cache_salt, workers)
+            lookup_span.set_attributes(
+                {
+                    "kvmesh.cache_lookup": found.status,
+                    "kvmesh.prompt_blocks": found.num_prompt_blocks,
+                    "kvmesh.num_workers_hit": len(found.cached_blocks),
+                    "kvmesh.lookup_ms": found.lookup_ms,
+                }
+            )
+        # Taken after the lookup's await, so loads include requests routed meanwhile.
+        plan = plan_route(self._pool.snapshot(), found.cached_blocks, len(token_ids), self._config, exclude)
+        span = trace.get_current_span()
+        span.set_attribute("kvmesh.cache_lookup", found.status)
+        if plan is not None:
+            span.set_attributes(plan.attributes())
+        return plan
 
 
 def _decode_workers(workers: Iterable[cache_store_pb2.WorkerInfo]) -> list[WorkerInfo]:

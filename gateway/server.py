@@ -1,7 +1,7 @@
 """gRPC edge of the gateway: kvmesh.v1.Gateway (Complete, Edit) over the worker pool.
 
-Each method checks and decodes the request, lays out and tokenizes the prompt, routes it, and streams the
-decode worker's chunks back. Errors are ServiceErrors (INVALID_ARGUMENT names the field and the limit);
+Each method authenticates the caller (its tenant's cache salt), checks and decodes the request, lays out
+and tokenizes the prompt, routes it (cache- and load-aware), and streams the decode worker's chunks back. Errors are ServiceErrors (INVALID_ARGUMENT names the field and the limit);
 downstream statuses pass through the shared error interceptor unchanged.
 """
 
@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import aclosing
 from pathlib import Path
@@ -25,9 +25,12 @@ from opentelemetry import trace
 
 from cache_store.registry import WorkerRole
 from gateway.config import GatewayConfig
-from gateway.failover import ResumableGeneration, set_route_attributes
-from gateway.layout import PromptLayout, split_document
-from gateway.router import Route, WorkerPool, plan_route
+from gateway.failover import ResumableGeneration
+from gateway.layout import CompletionPrompt, PromptLayout, PromptTooLong, split_document
+from gateway.prefix_lookup import PrefixLookup
+from gateway.router import Router, WorkerPool
+from gateway.routing_cost import RoutePlan
+from gateway.tenancy import Authenticator, Identity, TenantKeys
 from kvmesh.config import ModelConfig
 from kvmesh.loader import load_model_config
 from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
@@ -43,6 +46,9 @@ T = TypeVar("T")
 
 _TOKENIZE_IN_THREAD_CHARS = 32 * 1024
 """Longer texts are tokenized on a thread, so one big prompt does not stall every other stream."""
+MIN_WINDOW_DIVISOR = 4
+"""A document is cut to a window only if the window keeps at least 1/4 of the model's context; less
+means too much context or too large a max_tokens, which the caller should fix."""
 
 
 def _invalid(message: str) -> ServiceError:
@@ -50,13 +56,21 @@ def _invalid(message: str) -> ServiceError:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """kvmesh.v1.Gateway: prompt layout, routing and streaming, over a WorkerPool."""
+    """kvmesh.v1.Gateway: authentication, prompt layout, routing and streaming, over a WorkerPool."""
 
     def __init__(
-        self, config: GatewayConfig, pool: WorkerPool, tokenizer: Tokenizer, model_config: ModelConfig
+        self,
+        config: GatewayConfig,
+        pool: WorkerPool,
+        router: Router,
+        authenticator: Authenticator,
+        tokenizer: Tokenizer,
+        model_config: ModelConfig,
     ) -> None:
         self._config = config
         self._pool = pool
+        self._router = router
+        self._authenticator = authenticator
         self._tokenizer = tokenizer
         self._layout = PromptLayout(tokenizer)
         self._model_config = model_config
@@ -73,15 +87,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.CompleteRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
         arrival_s = time.perf_counter()
+        identity = self._authenticate(context)
         self._check_size(request.ByteSize())
         sampling = self._sampling(request.sampling)
         prefix, suffix = _cursor_text(request)
         with self._tracer.start_as_current_span("route") as span:
             num_chars = len(prefix) + len(suffix) + len(request.context)
-            token_ids = await self._tokenize(
-                lambda: self._layout.completion(prefix, suffix, request.context), num_chars
+            prompt = await self._tokenize(
+                lambda: self._lay_out_completion(prefix, suffix, request.context, sampling.max_tokens),
+                num_chars,
             )
-            generation = self._start(token_ids, [], sampling, span, context)
+            span.set_attribute("kvmesh.prefix_tokens_dropped", prompt.num_prefix_tokens_dropped)
+            span.set_attribute("kvmesh.suffix_tokens_dropped", prompt.num_suffix_tokens_dropped)
+            generation = await self._start(prompt.token_ids, [], sampling, identity, span, context)
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
         async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
@@ -91,6 +109,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.EditRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
         arrival_s = time.perf_counter()
+        identity = self._authenticate(context)
         self._check_size(request.ByteSize())
         sampling = self._sampling(request.sampling)
         if not request.original:
@@ -101,11 +120,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 lambda: self._layout.edit(request.original, request.snippet), num_chars
             )
             draft = prompt.draft_token_ids if request.speculative else []
-            generation = self._start(prompt.token_ids, draft, sampling, span, context)
+            generation = await self._start(prompt.token_ids, draft, sampling, identity, span, context)
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
         async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
+        # NOTE: any cache salt the client sends (x-kvmesh-cache-salt or otherwise) is never read: the
+        # salt comes from the authenticated identity alone.
+        return self._authenticator.authenticate(context.invocation_metadata() or ())
+
+    def _lay_out_completion(
+        self, prefix: str, suffix: str, context: str, max_tokens: int
+    ) -> CompletionPrompt:
+        context_tokens = self._model_config.max_position_embeddings
+        limit = context_tokens - max_tokens
+        try:
+            return self._layout.completion_window(
+                prefix,
+                suffix,
+                context,
+                max_prompt_tokens=limit,
+                block_size=self._config.block_size,
+                min_window_tokens=context_tokens // MIN_WINDOW_DIVISOR,
+            )
+        except PromptTooLong as error:
+            raise _invalid(
+                f"prompt has {error.num_tokens} tokens, more than the limit of {limit}: the model's context "
+                f"is {context_tokens} tokens and sampling.max_tokens takes {max_tokens} of them, and a long "
+                f"document is cut to a window around the cursor only when the context and max_tokens leave "
+                f"it at least {error.min_window_tokens} tokens; send less context or lower sampling.max_tokens"
+            ) from None
 
     def _check_size(self, num_bytes: int) -> None:
         limit = self._config.max_request_bytes
@@ -151,11 +197,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return await asyncio.to_thread(lay_out)
         return lay_out()
 
-    def _start(
+    async def _start(
         self,
         token_ids: list[int],
         draft_token_ids: list[int],
         sampling: common_pb2.SamplingParams,
+        identity: Identity,
         span: trace.Span,
         context: grpc.aio.ServicerContext,
     ) -> ResumableGeneration:
@@ -168,36 +215,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 f"{context_tokens} tokens and sampling.max_tokens takes {sampling.max_tokens} of them; "
                 "send less code or lower sampling.max_tokens"
             )
-        route = self._plan(len(token_ids), frozenset())
-        if route is None:
+        salt = identity.cache_salt
+
+        async def plan(prompt_token_ids: Sequence[int], exclude: AbstractSet[str]) -> RoutePlan | None:
+            return await self._router.plan(prompt_token_ids, salt, exclude)
+
+        first = await plan(token_ids, frozenset())
+        if first is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered; try again later")
-        set_route_attributes(span, route, len(token_ids))
         request = decode_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex,
             prompt_token_ids=token_ids,
             sampling=sampling,
             draft_token_ids=draft_token_ids,
+            cache_salt=salt,
         )
         span.set_attribute("kvmesh.request_id", request.request_id)
+        if identity.tenant:
+            span.set_attribute("kvmesh.tenant", identity.tenant)
         remaining_s = deadline_s(context)
         return ResumableGeneration(
             request,
-            route,
-            self._plan,
+            first.route,
+            plan,
             self._pool,
             self._tokenizer,
             eos_token_ids=self._model_config.eos_token_ids,
             timeout_s=self._config.request_timeout_s if remaining_s is None else remaining_s,
             max_attempts=self._config.max_attempts,
-        )
-
-    def _plan(self, num_prompt_tokens: int, exclude: AbstractSet[str]) -> Route | None:
-        return plan_route(
-            self._pool,
-            num_prompt_tokens,
-            use_prefill_min_tokens=self._config.use_prefill_min_tokens,
-            transport=self._config.transport,
-            exclude=exclude,
         )
 
     async def _stream(
@@ -261,7 +306,8 @@ async def _watch_pool(running: RunningServer, pool: WorkerPool, period_s: float)
 async def serve(config: GatewayConfig) -> RunningServer:
     """Starts the gateway. Health turns SERVING once the pool holds a decode worker, and back to
     NOT_SERVING while it holds none. Raises CheckpointError when model_path lacks tokenizer.json or
-    config.json, OSError when the address cannot be bound."""
+    config.json, OSError when the address or the keys file cannot be opened, ValueError for a malformed
+    keys file."""
     model_path = Path(config.model_path)
     tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
     model_config = load_model_config(model_path)
@@ -269,9 +315,14 @@ async def serve(config: GatewayConfig) -> RunningServer:
         ("grpc.max_send_message_length", config.server.max_message_bytes),
         ("grpc.max_receive_message_length", config.server.max_message_bytes),
     ]
+    keys = TenantKeys.load(config.api_keys_file) if config.api_keys_file is not None else None
+    if keys is not None:
+        logger.info("multi-tenancy on: %d API key(s) from %s", keys.num_keys, config.api_keys_file)
     pool = WorkerPool(config.cache_store_address, config.refresh_ms, channel_options)
     await pool.start()
-    servicer = GatewayServicer(config, pool, tokenizer, model_config)
+    lookup = PrefixLookup(pool.store_channel, config.block_size, config.lookup_timeout_ms / 1000.0)
+    router = Router(pool, lookup, config.routing())
+    servicer = GatewayServicer(config, pool, router, Authenticator(keys), tokenizer, model_config)
     try:
         running = await start_server(
             [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)], [SERVICE_NAME], config.server

@@ -221,7 +221,7 @@ def _demo_completion(address: str, max_tokens: int) -> None:
 def _query(args: argparse.Namespace) -> int:
     values = resolve(CLIENT_OPTIONS, args)
     try:
-        with Client(values["target"], timeout_s=values["timeout_s"]) as client:
+        with Client(values["target"], timeout_s=values["timeout_s"], api_key=values["api_key"]) as client:
             last = _print_stream(_request(client, args))
     except OSError as error:
         print(f"kvmesh {args.command}: {error}", file=sys.stderr)

@@ -1,14 +1,17 @@
 """A small synchronous client for the gateway.
 
+    import os
+
     from kvmesh.client import Client
 
-    with Client("localhost:50051", timeout_s=60) as client:
+    with Client("localhost:50051", timeout_s=60, api_key=os.environ.get("KVMESH_API_KEY")) as client:
         for chunk in client.complete(prefix="def add(a, b):\\n    ", suffix="\\n", max_tokens=32):
             print(chunk.text, end="")
         print(chunk.usage)  # the last chunk carries usage
 
-Errors surface as `grpc.RpcError` (call `.code()` and `.details()` on it): INVALID_ARGUMENT for a bad
-request (the details say which field and what limit), UNAVAILABLE when no decode worker is up,
+Errors surface as `grpc.RpcError` (call `.code()` and `.details()` on it): UNAUTHENTICATED for a missing
+or unknown API key (a gateway with multi-tenancy on), INVALID_ARGUMENT for a bad request (the details say
+which field and what limit), UNAVAILABLE when no decode worker is up,
 RESOURCE_EXHAUSTED when the mesh sheds load, DEADLINE_EXCEEDED after timeout_s. Breaking out of the loop,
 or closing the generator, cancels the call on every hop.
 """
@@ -110,11 +113,16 @@ def _sampling(
 class Client:
     """A channel to a gateway; use as a context manager, or call close()."""
 
-    def __init__(self, target: str, timeout_s: float = 60.0) -> None:
-        """target: the gateway's host:port. timeout_s: the deadline of each call, in seconds."""
+    def __init__(self, target: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
+        """target: the gateway's host:port. timeout_s: the deadline of each call, in seconds. api_key:
+        sent as "authorization: Bearer <api_key>" on every call (None: no key; a gateway with
+        multi-tenancy on then answers UNAUTHENTICATED)."""
         self._channel = grpc.insecure_channel(target)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -189,7 +197,7 @@ class Client:
         method: grpc.UnaryStreamMultiCallable,
         request: gateway_pb2.CompleteRequest | gateway_pb2.EditRequest,
     ) -> Generator[Chunk, None, None]:
-        call = method(request, timeout=self._timeout_s)
+        call = method(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             for chunk in call:
                 yield Chunk.from_proto(chunk)

@@ -51,6 +51,25 @@ def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "off") else int(text)
 
 
+def _boolean(value: str | bool) -> bool:
+    """True/False from a --flag/--no-flag, or from '1', 'true', 'yes', 'on' / '0', 'false', 'no', 'off'."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{value} is not a fraction between 0 and 1")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     """'shm,grpc' -> ('shm', 'grpc')."""
     return tuple(name.strip() for name in text.split(",") if name.strip())
@@ -66,6 +85,8 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    boolean: bool = False
+    """A switch: "--flag" and "--no-flag" on the command line; 1/0, true/false, ... in the variable."""
 
     @property
     def dest(self) -> str:
@@ -99,6 +120,20 @@ WORKER_OPTIONS = (
     Option("--worker-id", str, "", "unique worker id (default: role@host:port)"),
     Option("--host-id", str, None, "machine identity for shared memory (default: hostname/boot id)"),
     Option("--transports", _names, ("shm", "grpc"), "KV transports offered, best first (e.g. shm,grpc)"),
+    Option(
+        "--prefix-caching",
+        _boolean,
+        True,
+        "keep freed full KV blocks findable by hash and reuse cached prompt prefixes",
+        boolean=True,
+    ),
+    Option(
+        "--require-cache-salt",
+        _boolean,
+        False,
+        "refuse requests without a tenant cache salt (when the gateway has --api-keys-file)",
+        boolean=True,
+    ),
 )
 ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
     "gateway": (
@@ -113,6 +148,27 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("--use-prefill-min-tokens", int, 0, "shorter prompts are prefilled by the decode worker"),
         Option("--transport", str, "auto", "KV transport between workers", ("auto", "shm", "grpc")),
         Option("--max-attempts", int, 3, "tries per request when a worker is unavailable"),
+        Option(
+            "--api-keys-file",
+            str,
+            None,
+            'JSON {"keys": {key: tenant}, "groups": {tenant: group}}; unset: multi-tenancy off',
+        ),
+        Option(
+            "--block-size", int, 16, "tokens per KV block when hashing prompts (= the workers' --block-size)"
+        ),
+        Option(
+            "--disagg-min-tokens", int, 256, "an uncached part shorter than this stays on the decode worker"
+        ),
+        Option(
+            "--disagg-min-fraction",
+            _fraction,
+            0.25,
+            "... and below this fraction of the prompt (both must hold)",
+        ),
+        Option("--decode-load-weight", float, 1.0, "routing cost of one request of decode load, in blocks"),
+        Option("--max-load-imbalance", int, 4, "requests a decode worker may exceed the least loaded by"),
+        Option("--lookup-timeout-ms", int, 100, "cache store lookup deadline; past it, route by load alone"),
     ),
     "prefill": (*SERVER_OPTIONS, *WORKER_OPTIONS),
     "decode": (
@@ -131,7 +187,8 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
 
 TARGET = Option("--target", str, "127.0.0.1:50051", "gateway address, host:port")
 TIMEOUT_S = Option("--timeout-s", float, 60.0, "deadline of the call, in seconds")
-CLIENT_OPTIONS = (TARGET, TIMEOUT_S)
+API_KEY = Option("--api-key", str, None, "API key for a gateway with multi-tenancy on (prefer the variable)")
+CLIENT_OPTIONS = (TARGET, TIMEOUT_S, API_KEY)
 UP_OPTIONS = (
     Option("--port", int, 50051, "the gateway's gRPC port"),
     MODEL,
@@ -151,6 +208,15 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         if isinstance(default, tuple):
             default = ",".join(default)
         fallback = "" if default is None else f"; default {default}"
+        if option.boolean:
+            parser.add_argument(
+                option.flag,
+                dest=option.dest,
+                default=None,  # None: not given; resolve() falls back to the variable, then the default
+                action=argparse.BooleanOptionalAction,
+                help=f"{option.help} [env {option.env}{fallback}]",
+            )
+            continue
         parser.add_argument(
             option.flag,
             dest=option.dest,
@@ -238,6 +304,13 @@ def role_settings(
                 transport=values["transport"],
                 max_attempts=values["max_attempts"],
                 metrics_port=values["metrics_port"],
+                api_keys_file=values["api_keys_file"] or None,
+                block_size=values["block_size"],
+                disagg_min_tokens=values["disagg_min_tokens"],
+                disagg_min_fraction=values["disagg_min_fraction"],
+                decode_load_weight=values["decode_load_weight"],
+                max_load_imbalance=values["max_load_imbalance"],
+                lookup_timeout_ms=values["lookup_timeout_ms"],
             )
         else:
             model, registration = _worker_settings(values, default_model)
@@ -245,7 +318,13 @@ def role_settings(
             if role == "prefill":
                 from prefill_service.config import PrefillConfig
 
-                config = PrefillConfig(server, model, registration, metrics_port=values["metrics_port"])
+                config = PrefillConfig(
+                    server,
+                    model,
+                    registration,
+                    metrics_port=values["metrics_port"],
+                    require_cache_salt=values["require_cache_salt"],
+                )
             else:
                 from decode_service.config import DecodeConfig
 
@@ -257,6 +336,7 @@ def role_settings(
                     max_tokens_limit=values["max_tokens_limit"],
                     metrics_port=values["metrics_port"],
                     kv_quarantine_s=values["kv_quarantine_s"],
+                    require_cache_salt=values["require_cache_salt"],
                 )
     except ValueError as error:  # a config's own checks (__post_init__)
         raise SettingsError(f"kvmesh serve {role}: {error}") from None
@@ -277,6 +357,7 @@ def _worker_settings(
         num_blocks=values["num_blocks"],
         prefill_chunk_size=values["prefill_chunk_size"],
         num_threads=values["threads"],
+        enable_prefix_caching=values["prefix_caching"],
     )
     if not values["transports"]:
         raise SettingsError("--transports is empty: offer at least grpc")

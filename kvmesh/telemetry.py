@@ -39,8 +39,14 @@ _telemetry: _Telemetry | None = None
 
 def _not_infrastructure() -> grpc_filters.Condition:
     # Health polls and reflection would drown the request traces; they carry no request.
+    # NOTE: PublishKVEvents is a long-lived client stream written with call.write(); the aio client
+    # instrumentation wraps client streams as request iterators and silently stops such writes.
     return grpc_filters.negate(
-        grpc_filters.any_of(grpc_filters.health_check(), grpc_filters.service_prefix("grpc.reflection."))
+        grpc_filters.any_of(
+            grpc_filters.health_check(),
+            grpc_filters.service_prefix("grpc.reflection."),
+            grpc_filters.method_name("PublishKVEvents"),
+        )
     )
 
 

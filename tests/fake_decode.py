@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from kvmesh.tokenizer import Detokenizer, Tokenizer
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc
 
 DECODE_SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
+FAKE_FINGERPRINT = "fake-model"
+"""The model fingerprint the fake decode workers register with (the gateway hashes prompts with it)."""
 
 
 def write_tiny_checkpoint(path: Path, tokenizer_json: Path, max_position_embeddings: int = 256) -> Path:
@@ -123,15 +125,28 @@ async def _register(store_address: str, worker: WorkerInfo) -> None:
         await stub.Register(cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)), timeout=5)
 
 
+async def publish_blocks(store_address: str, worker_id: str, block_hashes: Sequence[bytes]) -> None:
+    """Tells the cache store, as the worker's KV event stream would, that worker_id holds block_hashes."""
+    event = cache_store_pb2.KVEvent(kind=cache_store_pb2.KV_EVENT_KIND_STORED, block_hashes=block_hashes)
+
+    async def batches() -> AsyncIterator[cache_store_pb2.KVEventBatch]:
+        yield cache_store_pb2.KVEventBatch(worker_id=worker_id, events=[event])
+
+    async with grpc.aio.insecure_channel(store_address) as channel:
+        stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+        await stub.PublishKVEvents(batches(), timeout=5)
+
+
 @contextlib.asynccontextmanager
 async def gateway_stack(
     checkpoint: Path,
     decoders: dict[str, FakeDecode],
     dead_decoders: tuple[str, ...] = (),
+    loads: dict[str, int] | None = None,
     **gateway_overrides: Any,
 ) -> AsyncIterator[GatewayStack]:
-    """Starts the stack; decoders are registered in name order with equal load, dead_decoders are
-    registered at an address where nothing listens."""
+    """Starts the stack; decoders are registered in name order (running requests: loads, default 0),
+    dead_decoders are registered at an address where nothing listens."""
     store = await serve_cache_store(CacheStoreConfig(heartbeat_interval_ms=1000, expiry_ms=60_000))
     servers: dict[str, RunningServer] = {}
     gateway: RunningServer | None = None
@@ -141,7 +156,7 @@ async def gateway_stack(
                 [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], [DECODE_SERVICE], ServerConfig()
             )
             await servers[name].set_serving()
-            await _register(store.address, _worker(name, servers[name].address))
+            await _register(store.address, _worker(name, servers[name].address, (loads or {}).get(name, 0)))
         for name in dead_decoders:
             await _register(store.address, _worker(name, "127.0.0.1:1"))
         config = GatewayConfig(
@@ -161,12 +176,13 @@ async def gateway_stack(
         await store.stop(0)
 
 
-def _worker(name: str, address: str) -> WorkerInfo:
+def _worker(name: str, address: str, num_running: int = 0) -> WorkerInfo:
     return WorkerInfo(
         worker_id=name,
         role=WorkerRole.DECODE,
         address=address,
         host_id="test-host",
         transports=("grpc",),
-        load=WorkerLoad(num_blocks_free=100, num_blocks_total=100),
+        load=WorkerLoad(num_running=num_running, num_blocks_free=100, num_blocks_total=100),
+        model_fingerprint=FAKE_FINGERPRINT,
     )

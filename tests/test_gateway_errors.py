@@ -121,18 +121,29 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_limit(checkpoint: Pa
         assert fragment in message, message
 
 
-def test_prompt_longer_than_the_context(checkpoint: Path, tokenizer: Tokenizer) -> None:
-    prefix = "def function_number_one(argument):\n    return argument\n" * 40
-    num_tokens = len(tokenizer.encode(prefix)) + 3  # plus the three FIM markers
+def test_context_longer_than_the_model_context(checkpoint: Path, tokenizer: Tokenizer) -> None:
+    # A long document is cut to a window (tests/test_gateway_stream.py); extra context is never cut.
+    context = "def function_number_one(argument):\n    return argument\n" * 40
+    num_tokens = len(tokenizer.encode(context)) + len(tokenizer.encode("x = ")) + 3  # plus the FIM markers
     assert num_tokens > CONTEXT_TOKENS
     message = _expect_error(
         checkpoint,
-        complete(prefix=prefix, sampling=sampling(max_tokens=16)),
+        complete(prefix="x = ", context=context, sampling=sampling(max_tokens=16)),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert f"prompt has {num_tokens} tokens" in message, message
     assert f"limit of {CONTEXT_TOKENS - 16}" in message, message
-    assert "sampling.max_tokens" in message
+    assert "sampling.max_tokens" in message and "less context" in message
+
+
+def test_edit_longer_than_the_context(checkpoint: Path, tokenizer: Tokenizer) -> None:
+    original = "def function_number_one(argument):\n    return argument\n" * 40
+    message = _expect_error(
+        checkpoint,
+        gateway_pb2.EditRequest(original=original, sampling=sampling(max_tokens=16)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert f"limit of {CONTEXT_TOKENS - 16}" in message, message
 
 
 def test_max_tokens_counts_against_the_context(checkpoint: Path) -> None:

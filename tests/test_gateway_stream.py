@@ -18,9 +18,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.layout import PromptLayout
 from kvmesh import telemetry
+from kvmesh.block_hash import hash_blocks, namespace_hash
 from kvmesh.client import Chunk, Client
 from kvmesh.tokenizer import Tokenizer
-from tests.fake_decode import FakeDecode, expected_tokens, gateway_stack, write_tiny_checkpoint
+from tests.fake_decode import (
+    FAKE_FINGERPRINT,
+    FakeDecode,
+    expected_tokens,
+    gateway_stack,
+    publish_blocks,
+    write_tiny_checkpoint,
+)
 
 T = TypeVar("T")
 PREFIX = "def add(a, b):\n    "
@@ -237,9 +245,76 @@ def test_route_span_names_workers_and_sizes_never_text(
     assert attributes["kvmesh.prompt_tokens"] == len(prompt)
     assert attributes["kvmesh.decode_worker"] == "d0"
     assert attributes["kvmesh.transport"] == ""
+    assert attributes["kvmesh.disaggregated"] is False
+    assert attributes["kvmesh.prefill_reason"] == "no-prefill-worker"
+    assert attributes["kvmesh.decode_cached_blocks"] == 0
+    (lookup,) = [s for s in spans if s.name == "cache_lookup"]
+    assert lookup.parent is not None and lookup.parent.span_id == route.context.span_id
     for span in spans:
         for value in (span.attributes or {}).values():
             assert "add(a, b)" not in str(value)
     # The trace continues into the decode worker's server span.
     decode_spans = [s for s in spans if s.name.endswith("Decode/Generate") and s.kind.name == "SERVER"]
     assert decode_spans and all(s.context.trace_id == route.context.trace_id for s in decode_spans)
+
+
+LONG_PREFIX = "def total(values):\n    result = 0\n    for value in values:\n        result += value\n" * 3
+
+
+def test_requests_go_to_the_worker_holding_their_prefix(checkpoint: Path, tokenizer: Tokenizer) -> None:
+    prompt = PromptLayout(tokenizer).completion(LONG_PREFIX, SUFFIX)
+    hashes = hash_blocks(namespace_hash(FAKE_FINGERPRINT, ""), prompt, 16)
+    assert len(hashes) >= 3
+
+    def complete(address: str) -> list[Chunk]:
+        with Client(address, timeout_s=20) as client:
+            return list(client.complete(prefix=LONG_PREFIX, suffix=SUFFIX, max_tokens=4))
+
+    async def scenario() -> None:
+        decoders = {name: FakeDecode(tokenizer) for name in ("d0", "d1", "d2")}
+        # d2 is the busiest, by 3 requests: within the default imbalance of 4.
+        async with gateway_stack(checkpoint, decoders, loads={"d2": 3}) as stack:
+            await in_thread(lambda: complete(stack.gateway_address))
+            assert len(decoders["d0"].requests) == 1  # cold: the least loaded, lowest id
+            await publish_blocks(stack.store.address, "d2", hashes)
+            await publish_blocks(stack.store.address, "d1", hashes[:1])
+            for _ in range(3):
+                await in_thread(lambda: complete(stack.gateway_address))
+            assert [len(d.requests) for d in decoders.values()] == [1, 0, 3]
+            # The cache store goes away: requests still route, by load alone.
+            await stack.store.stop(0)
+            chunks = await in_thread(lambda: complete(stack.gateway_address))
+            assert chunks[-1].finish_reason == "length"
+        assert all(list(r.prompt_token_ids) == prompt for d in decoders.values() for r in d.requests)
+        assert all(r.cache_salt == "" for d in decoders.values() for r in d.requests)
+
+    asyncio.run(scenario())
+
+
+def test_a_long_document_is_cut_to_a_window_around_the_cursor(checkpoint: Path, tokenizer: Tokenizer) -> None:
+    # The checkpoint's context is 256 tokens; the document is several times that.
+    lines = (LONG_PREFIX * 8 + "def mean(values):\n    return total(values) / len(values)\n" * 16).split("\n")
+    cursor_line = len(lines) // 2
+    limit = 256 - 8
+
+    def type_at_cursor(address: str, typed: str) -> list[Chunk]:
+        """The document after typing `typed` at the start of the cursor line; the cursor after it."""
+        document = "\n".join([*lines[:cursor_line], typed + lines[cursor_line], *lines[cursor_line + 1 :]])
+        with Client(address, timeout_s=20) as client:
+            return list(client.complete(document=(document, cursor_line, len(typed)), max_tokens=8))
+
+    async def scenario() -> list[list[int]]:
+        decoder = FakeDecode(tokenizer)
+        async with gateway_stack(checkpoint, {"d0": decoder}) as stack:
+            for typed in ("", "r", "re"):
+                chunks = await in_thread(lambda typed=typed: type_at_cursor(stack.gateway_address, typed))  # type: ignore[misc]
+                assert chunks[-1].finish_reason == "length"
+        return [list(r.prompt_token_ids) for r in decoder.requests]
+
+    prompts = asyncio.run(scenario())
+    assert len(tokenizer.encode("\n".join(lines))) > 2 * 256
+    for before, after in zip(prompts, prompts[1:], strict=False):
+        assert len(before) <= limit and len(after) <= limit
+        # A keystroke at the cursor leaves the window where it was: only the last block changes.
+        common = next(i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b)
+        assert common // 16 >= len(before) // 16 - 1

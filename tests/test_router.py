@@ -1,4 +1,5 @@
-"""Routing: least-loaded picks, in-flight counting, exclusion, transport choice, refresh from a real cache store."""
+"""The worker pool and the router: least-loaded picks, in-flight counting, exclusion, snapshots, refresh
+from a real cache store, and routes planned from a real cache store's Lookup (and without it)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import grpc.aio
 
 from cache_store.registry import WorkerInfo, WorkerLoad, WorkerRole
 from cache_store.server import CacheStoreConfig, serve, worker_to_proto
-from gateway.router import Route, WorkerPool, choose_transport, plan_route
+from gateway.prefix_lookup import PrefixLookup
+from gateway.router import Router, WorkerPool
+from gateway.routing_cost import Candidate, RoutingConfig
+from kvmesh.block_hash import hash_blocks, namespace_hash
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+from tests.fake_decode import publish_blocks
 
 
 def make_worker(
@@ -21,6 +26,7 @@ def make_worker(
     num_blocks_free: int = 10,
     host_id: str = "host-a",
     transports: tuple[str, ...] = ("shm", "grpc"),
+    fingerprint: str = "model-a",
 ) -> WorkerInfo:
     return WorkerInfo(
         worker_id=worker_id,
@@ -29,6 +35,7 @@ def make_worker(
         host_id=host_id,
         transports=transports,
         load=WorkerLoad(num_running, num_waiting, num_blocks_free, 16),
+        model_fingerprint=fingerprint,
     )
 
 
@@ -103,32 +110,15 @@ def test_pick_excludes_failed_workers() -> None:
     assert pool.pick(WorkerRole.DECODE, exclude={"d0", "d1"}) is None
 
 
-def test_choose_transport() -> None:
-    prefill = make_worker("p0", WorkerRole.PREFILL)
-    assert choose_transport(prefill, make_worker("d1")) == "shm"
-    assert choose_transport(prefill, make_worker("d1", host_id="host-b")) == "grpc"
-    assert choose_transport(prefill, make_worker("d1", transports=("grpc",))) == "grpc"
-    assert (
-        choose_transport(make_worker("p0", WorkerRole.PREFILL, host_id=""), make_worker("d1", host_id=""))
-        == "grpc"
-    )
-
-
-def test_plan_route() -> None:
-    p0 = make_worker("p0", WorkerRole.PREFILL)
-    p1 = make_worker("p1", WorkerRole.PREFILL, host_id="host-b", num_running=0, num_blocks_free=16)
-    d2 = make_worker("d2")
-    pool = make_pool(p0, p1, d2)
-    # p1 has more free blocks, so auto picks it, over gRPC (another host).
-    assert plan_route(pool, 100) == Route(d2, p1, "grpc")
-    # shm only uses prefill workers on the decode worker's host.
-    assert plan_route(pool, 100, transport="shm") == Route(d2, p0, "shm")
-    assert plan_route(pool, 100, transport="grpc", exclude={"p1"}) == Route(d2, p0, "grpc")
-    # Short prompts are prefilled by the decode worker itself.
-    assert plan_route(pool, 10, use_prefill_min_tokens=11) == Route(d2)
-    # Every decode worker failed: try the least loaded one again rather than give up.
-    assert plan_route(pool, 100, exclude={"d2", "p0", "p1"}) == Route(d2)
-    assert plan_route(make_pool(p0), 100) is None
+def test_snapshot_holds_loads_with_in_flight_requests() -> None:
+    d0, d1 = make_worker("d0", num_running=2), make_worker("d1", num_waiting=1)
+    p2 = make_worker("p2", WorkerRole.PREFILL)
+    pool = make_pool(d1, p2, d0)
+    with pool.in_flight(d1):
+        snapshot = pool.snapshot()
+    assert snapshot.decode == (Candidate(d0, 2), Candidate(d1, 2))
+    assert snapshot.prefill == (Candidate(p2, 0),)
+    assert pool.snapshot().decode[1].load == 1  # a snapshot does not follow later changes
 
 
 def test_refresh_follows_the_cache_store() -> None:
@@ -176,3 +166,91 @@ def test_refresh_follows_the_cache_store() -> None:
             await store.stop(0)
 
     asyncio.run(scenario())
+
+
+PROMPT = list(range(1, 101))  # 100 tokens: 6 full blocks of 16
+
+
+def test_router_follows_the_cache_store_lookup_and_routes_by_load_without_it() -> None:
+    async def scenario() -> None:
+        store = await serve(CacheStoreConfig(heartbeat_interval_ms=1000, expiry_ms=60_000))
+        pool = WorkerPool(store.address, refresh_ms=10_000)
+        workers = [
+            make_worker("d0"),
+            make_worker("d1", num_running=2),
+            make_worker("d2", fingerprint="model-b"),
+            make_worker("p3", WorkerRole.PREFILL),
+        ]
+        try:
+            async with grpc.aio.insecure_channel(store.address) as channel:
+                stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+                for worker in workers:
+                    await stub.Register(cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)))
+            await pool.start()
+            lookup = PrefixLookup(pool.store_channel, block_size=16, timeout_s=1.0, backoff_s=60.0)
+            router = Router(pool, lookup, RoutingConfig(block_size=16, disagg_min_tokens=0))
+
+            cold = await router.plan(PROMPT, "salt-1")
+            assert cold is not None and cold.route.decode_worker.worker_id == "d0"
+            assert cold.decode_cached_blocks == 0 and cold.num_prompt_blocks == 6
+
+            # d1 holds 4 blocks of the prompt in tenant salt-1's namespace of its model.
+            hashes = hash_blocks(namespace_hash("model-a", "salt-1"), PROMPT, 16)
+            await publish_blocks(store.address, "d1", hashes[:4])
+            # d2 holds all of them, but under another model's fingerprint: a different namespace.
+            await publish_blocks(store.address, "d2", hashes)
+            warm = await router.plan(PROMPT, "salt-1")
+            assert warm is not None and warm.route.decode_worker.worker_id == "d1"
+            assert warm.decode_cached_blocks == 4
+            # Another tenant's salt is another namespace: no hit, back to the least loaded.
+            other = await router.plan(PROMPT, "salt-2")
+            assert other is not None and other.decode_cached_blocks == 0
+            assert other.route.decode_worker.worker_id in ("d0", "d2")
+
+            # The cache store goes away: routes by load alone, and asks again next time (it fails fast).
+            await store.stop(0)
+            down = await router.plan(PROMPT, "salt-1")
+            assert down is not None and down.decode_cached_blocks == 0
+            assert down.route.decode_worker.worker_id == "d0"
+            again = await lookup.find(PROMPT, "salt-1", [("d1", "model-a")])
+            assert again.status == "failed"
+        finally:
+            await pool.close()
+            await store.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_lookup_of_a_hung_cache_store_ends_at_its_deadline() -> None:
+    async def scenario() -> None:
+        server = grpc.aio.server()  # a cache store whose Lookup never answers
+        cache_store_pb2_grpc.add_CacheStoreServicer_to_server(_HungCacheStore(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            lookup = PrefixLookup(lambda: channel, block_size=16, timeout_s=0.2)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            found = await lookup.find(PROMPT, "", [("d0", "model-a")])
+            assert found.status == "failed" and found.cached_blocks == {}
+            assert 0.2 <= loop.time() - started < 2.0
+            # Backing off: the next lookups do not wait for the hung store.
+            started = loop.time()
+            assert (await lookup.find(PROMPT, "", [("d0", "model-a")])).status == "skipped"
+            assert loop.time() - started < 0.1
+            # Nothing to look up: a prompt shorter than a block.
+            assert (await lookup.find(PROMPT[:15], "", [("d0", "model-a")])).status == "skipped"
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+class _HungCacheStore(cache_store_pb2_grpc.CacheStoreServicer):
+    async def Lookup(  # noqa: N802 (generated name)
+        self, request: cache_store_pb2.LookupRequest, context: grpc.aio.ServicerContext
+    ) -> cache_store_pb2.LookupReply:
+        await asyncio.sleep(30)
+        return cache_store_pb2.LookupReply()
