@@ -300,7 +300,7 @@ class Engine:
         self, prompts: Seq[Seq[int]], max_new_tokens: int, **options: object
     ) -> list[list[int]]:
         """Generate for several prompts at once: each is prefilled alone, then all decode in one batch."""
-        params = SamplingParams(max_new_tokens=max_new_tokens, **_tuples(options))  # type: ignore[arg-type]
+        params = SamplingParams.from_options(max_new_tokens, **options)
         seqs = [self.add_sequence(prompt, params) for prompt in prompts]
         try:
             if max_new_tokens == 0:
@@ -319,8 +319,3 @@ class Engine:
         finally:
             for seq in seqs:
                 self.free(seq)
-
-
-def _tuples(options: dict[str, object]) -> dict[str, object]:
-    """Lists given for the tuple-typed options become tuples (SamplingParams is frozen and hashable)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}

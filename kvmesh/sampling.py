@@ -38,6 +38,12 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
+    @classmethod
+    def from_options(cls, max_new_tokens: int, **options: object) -> SamplingParams:
+        """`generate`-style keyword options; lists given for the tuple fields become tuples."""
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return cls(max_new_tokens=max_new_tokens, **fields)  # type: ignore[arg-type]
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
