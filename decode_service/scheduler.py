@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from kvmesh.engine import Engine
 from kvmesh.kv_cache import OutOfBlocks
 from kvmesh.sequence import FinishReason, Sequence
+from kvmesh.speculative import DraftCursor, speculative_step
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +44,8 @@ class Stream:
     first_step_at: float | None = None
     """When the first forward pass that included this stream started."""
     first_token_at: float | None = None
+    cursor: DraftCursor | None = None
+    """The draft (an edit's original code) that speculative steps verify; None: plain decoding."""
     num_forward_passes: int = 0
 
 
@@ -81,9 +84,12 @@ class DecodeLoop:
                 undo(future.result())
             raise
 
-    def join(self, seq: Sequence) -> Stream:
-        """Start decoding seq (its uncomputed tokens first). Its tokens arrive on the stream's queue."""
-        stream = Stream(seq)
+    def join(self, seq: Sequence, cursor: DraftCursor | None = None) -> Stream:
+        """Start decoding seq (its uncomputed tokens first). Its tokens arrive on the stream's queue.
+
+        With a cursor, each decode step verifies the next tokens of its draft in the same forward pass.
+        """
+        stream = Stream(seq, cursor=cursor)
         self._ops.append((lambda: self._streams.append(stream), None))
         self._wakeup.set()
         return stream
@@ -123,8 +129,13 @@ class DecodeLoop:
             for stream in batch:
                 if stream.first_step_at is None:
                     stream.first_step_at = started
+            speculative = not prefilling and any(s.cursor is not None for s in batch)
             try:
-                logits = await asyncio.to_thread(self.engine.step, [s.seq for s in batch])
+                if speculative:
+                    pairs = [(s.seq, s.cursor) for s in batch]
+                    new_tokens = await asyncio.to_thread(speculative_step, self.engine, pairs)
+                else:
+                    logits = await asyncio.to_thread(self.engine.step, [s.seq for s in batch])
             except OutOfBlocks as error:
                 self._evict_newest(error)
                 continue
@@ -133,7 +144,10 @@ class DecodeLoop:
                 for stream in batch:
                     self._fail(stream, error)
                 continue
-            self._emit(batch, logits)
+            if speculative:
+                self._emit_appended(batch, new_tokens)
+            else:
+                self._emit(batch, logits)
 
     def _run_ops(self) -> None:
         while self._ops:
@@ -168,6 +182,19 @@ class DecodeLoop:
             reason = self.engine.append_token(stream.seq, token)
             stream.events.put_nowait(TokenEvent(token, reason))
             if reason is not None:
+                self._streams.remove(stream)
+
+    def _emit_appended(self, batch: list[Stream], new_tokens: list[list[int]]) -> None:
+        """Tokens a speculative step already appended (a verified draft chunk and the model's own)."""
+        now = time.perf_counter()
+        for stream, tokens in zip(batch, new_tokens, strict=True):
+            stream.num_forward_passes += 1
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1
+                stream.events.put_nowait(TokenEvent(token, stream.seq.finish_reason if last else None))
+            if stream.seq.finished:
                 self._streams.remove(stream)
 
     def _evict_newest(self, error: OutOfBlocks) -> None:

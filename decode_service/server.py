@@ -27,6 +27,7 @@ from kvmesh.registration import join_mesh, worker_info
 from kvmesh.sampling import SamplingParams
 from kvmesh.sequence import Sequence
 from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.speculative import DraftCursor
 from kvmesh.telemetry import start_metrics_server, tracer
 from kvmesh.tokenizer import Detokenizer
 from kvmesh.transport.shm import SharedKVPool
@@ -96,10 +97,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 usage.prefilled_tokens = len(seq) - seq.num_cached_tokens
             self.num_waiting -= 1
             waiting = False
-            stream = self._loop.join(seq)
+            cursor = DraftCursor.for_edit(list(request.draft_token_ids)) if request.draft_token_ids else None
+            stream = self._loop.join(seq, cursor)
             async for chunk in self._stream_tokens(stream.events, seq, usage):
                 yield chunk
             usage.forward_passes = stream.num_forward_passes
+            if cursor is not None:
+                usage.accepted_prediction_tokens = cursor.stats.accepted_prediction_tokens
+                usage.rejected_prediction_tokens = cursor.stats.rejected_prediction_tokens
             usage.ttft_ms = _ms((stream.first_token_at or arrived) - arrived)
             usage.stage_ms.queue_ms = _ms((stream.first_step_at or arrived) - stream.joined_at)
             usage.stage_ms.decode_ms = _ms(time.perf_counter() - (stream.first_token_at or arrived))

@@ -19,7 +19,7 @@ from gateway.layout import PromptLayout
 from kvmesh.client import Client
 from kvmesh.engine import Engine
 from kvmesh.telemetry import add_span_processor, setup_telemetry
-from kvmesh.v1 import gateway_pb2
+from kvmesh.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2
 from tests.mesh_harness import MeshInThread, MeshSpec
 
 PREFIX = "import os\n\ndef read_config(path):\n    with open(path) as f:\n        "
@@ -198,3 +198,37 @@ def test_a_full_decode_pool_answers_resource_exhausted(model_path):
         stream(mesh.gateway_address, prefix=PREFIX * 20, suffix=SUFFIX, max_tokens=4)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "KV pool is full" in info.value.details()
+
+
+ORIGINAL = "def area(width, height):\n    return width * height\n\n\nprint(area(2, 3))\n"
+SNIPPET = "def area(width, height):\n    # ... existing code ...\n    return round(width * height, 2)\n"
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_speculative_edit_streams_exactly_what_plain_greedy_decoding_gives(model_path, engine, transport):
+    prompt = PromptLayout(engine.tokenizer).edit(ORIGINAL, SNIPPET)
+    expected = engine.generate(prompt.token_ids, 40, ignore_eos=True)
+    spec = MeshSpec(str(model_path), gateway={"transport": transport})
+    with MeshInThread(spec) as mesh:
+        with Client(mesh.gateway_address) as client:
+            for speculative in (True, False):
+                request = gateway_pb2.EditRequest(original=ORIGINAL, snippet=SNIPPET, speculative=speculative)
+                request.sampling.max_tokens = 40
+                request.sampling.ignore_eos = True
+                chunks = list(client._stub.Edit(request, timeout=60))
+                assert [t for c in chunks for t in c.token_ids] == expected, speculative
+        # A draft the model agrees with (its own greedy output, edited in the middle): most of it is
+        # accepted, many tokens per forward pass, and the output is still exactly plain greedy's.
+        draft = expected[:15] + [7, 8] + expected[15:]
+        decode = next(s for n, s in mesh.servers.items() if n.startswith("decode"))
+        with grpc.insecure_channel(decode.address) as channel:
+            request = decode_pb2.GenerateRequest(
+                request_id="spec", prompt_token_ids=prompt.token_ids, draft_token_ids=draft
+            )
+            request.sampling.max_tokens = 40
+            request.sampling.ignore_eos = True
+            chunks = list(decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=60))
+    assert [t for c in chunks for t in c.token_ids] == expected
+    usage = chunks[-1].usage
+    assert usage.accepted_prediction_tokens >= 30 and usage.rejected_prediction_tokens > 0
+    assert usage.forward_passes < 20
