@@ -181,3 +181,15 @@ def mesh_model_path(tmp_path_factory: pytest.TempPathFactory, code_tokenizer: To
         tokenizer=code_tokenizer,
         init_std=0.2,
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: without it they are skipped, and say so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); run on a machine with a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
