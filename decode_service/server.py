@@ -97,7 +97,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 usage.prefilled_tokens = len(seq) - seq.num_cached_tokens
             self.num_waiting -= 1
             waiting = False
-            cursor = DraftCursor.for_edit(list(request.draft_token_ids)) if request.draft_token_ids else None
+            cursor = None
+            if request.draft_token_ids:
+                cursor = DraftCursor.for_edit(list(request.draft_token_ids))
+            elif request.prompt_lookup:
+                cursor = DraftCursor.for_prompt_lookup(prompt)
             stream = self._loop.join(seq, cursor)
             async for chunk in self._stream_tokens(stream.events, seq, usage):
                 yield chunk

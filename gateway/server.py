@@ -99,7 +99,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
             span.set_attribute("kvmesh.prefix_tokens_dropped", prompt.num_prefix_tokens_dropped)
             span.set_attribute("kvmesh.suffix_tokens_dropped", prompt.num_suffix_tokens_dropped)
-            generation = await self._start(prompt.token_ids, [], sampling, identity, span, context)
+            generation = await self._start(
+                prompt.token_ids, [], sampling, identity, span, context, prompt_lookup=request.prompt_lookup
+            )
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
         async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
@@ -205,6 +207,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         identity: Identity,
         span: trace.Span,
         context: grpc.aio.ServicerContext,
+        prompt_lookup: bool = False,
     ) -> ResumableGeneration:
         """Checks the prompt against the model's context and routes its first attempt."""
         context_tokens = self._model_config.max_position_embeddings
@@ -228,6 +231,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             prompt_token_ids=token_ids,
             sampling=sampling,
             draft_token_ids=draft_token_ids,
+            prompt_lookup=prompt_lookup,
             cache_salt=salt,
         )
         span.set_attribute("kvmesh.request_id", request.request_id)

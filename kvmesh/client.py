@@ -151,18 +151,21 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        prompt_lookup: bool = False,
     ) -> Generator[Chunk, None, None]:
         """Streams a fill-in-the-middle completion at the cursor.
 
         Give either prefix and suffix, or document=(text, line, column) with a 0-based line and a column
-        in characters. max_tokens 0 means the gateway's default; temperature 0 is greedy. Raises
-        grpc.RpcError.
+        in characters. max_tokens 0 means the gateway's default; temperature 0 is greedy. prompt_lookup
+        drafts from the prompt where the output repeats it (same output, fewer forward passes when code
+        repeats nearby code). Raises grpc.RpcError.
         """
         request = gateway_pb2.CompleteRequest(
             prefix=prefix,
             suffix=suffix,
             context=context,
             sampling=_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
+            prompt_lookup=prompt_lookup,
         )
         if document is not None:
             text, line, column = document

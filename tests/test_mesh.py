@@ -232,3 +232,15 @@ def test_speculative_edit_streams_exactly_what_plain_greedy_decoding_gives(model
     usage = chunks[-1].usage
     assert usage.accepted_prediction_tokens >= 30 and usage.rejected_prediction_tokens > 0
     assert usage.forward_passes < 20
+
+
+def test_prompt_lookup_completion_streams_exactly_the_plain_completion(model_path, engine):
+    # A prompt that repeats itself, so there is something to look up.
+    base = engine.tokenizer.decode(expected_completion(engine, PREFIX, SUFFIX, 24))
+    prefix = PREFIX + base + "\n" + PREFIX
+    expected = expected_completion(engine, prefix, SUFFIX, 24)
+    with MeshInThread(MeshSpec(str(model_path))) as mesh, Client(mesh.gateway_address) as client:
+        plain = list(client.complete(prefix=prefix, suffix=SUFFIX, max_tokens=24))
+        lookup = list(client.complete(prefix=prefix, suffix=SUFFIX, max_tokens=24, prompt_lookup=True))
+    assert [t for c in lookup for t in c.token_ids] == [t for c in plain for t in c.token_ids] == expected
+    assert plain[-1].usage.accepted_prediction_tokens == 0

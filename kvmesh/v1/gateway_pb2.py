@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/gateway.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\":\n\x0cTextDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\"\x9a\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12)\n\x08\x64ocument\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.TextDocument\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\"r\n\x0b\x45\x64itRequest\x12\x10\n\x08original\x18\x01 \x01(\t\x12\x0f\n\x07snippet\x18\x02 \x01(\t\x12\x13\n\x0bspeculative\x18\x03 \x01(\x08\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\"\x83\x01\n\x0f\x43ompletionChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage2\x8d\x01\n\x07Gateway\x12\x44\n\x08\x43omplete\x12\x1a.kvmesh.v1.CompleteRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x12<\n\x04\x45\x64it\x12\x16.kvmesh.v1.EditRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/gateway.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\":\n\x0cTextDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\"\xb1\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12)\n\x08\x64ocument\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.TextDocument\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x15\n\rprompt_lookup\x18\x06 \x01(\x08\"r\n\x0b\x45\x64itRequest\x12\x10\n\x08original\x18\x01 \x01(\t\x12\x0f\n\x07snippet\x18\x02 \x01(\t\x12\x13\n\x0bspeculative\x18\x03 \x01(\x08\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\"\x83\x01\n\x0f\x43ompletionChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage2\x8d\x01\n\x07Gateway\x12\x44\n\x08\x43omplete\x12\x1a.kvmesh.v1.CompleteRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x12<\n\x04\x45\x64it\x12\x16.kvmesh.v1.EditRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTDOCUMENT']._serialized_start=62
   _globals['_TEXTDOCUMENT']._serialized_end=120
   _globals['_COMPLETEREQUEST']._serialized_start=123
-  _globals['_COMPLETEREQUEST']._serialized_end=277
-  _globals['_EDITREQUEST']._serialized_start=279
-  _globals['_EDITREQUEST']._serialized_end=393
-  _globals['_COMPLETIONCHUNK']._serialized_start=396
-  _globals['_COMPLETIONCHUNK']._serialized_end=527
-  _globals['_GATEWAY']._serialized_start=530
-  _globals['_GATEWAY']._serialized_end=671
+  _globals['_COMPLETEREQUEST']._serialized_end=300
+  _globals['_EDITREQUEST']._serialized_start=302
+  _globals['_EDITREQUEST']._serialized_end=416
+  _globals['_COMPLETIONCHUNK']._serialized_start=419
+  _globals['_COMPLETIONCHUNK']._serialized_end=550
+  _globals['_GATEWAY']._serialized_start=553
+  _globals['_GATEWAY']._serialized_end=694
 # @@protoc_insertion_point(module_scope)

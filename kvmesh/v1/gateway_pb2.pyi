@@ -18,18 +18,20 @@ class TextDocument(_message.Message):
     def __init__(self, text: _Optional[str] = ..., line: _Optional[int] = ..., column: _Optional[int] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("prefix", "suffix", "context", "document", "sampling")
+    __slots__ = ("prefix", "suffix", "context", "document", "sampling", "prompt_lookup")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     SUFFIX_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     prefix: str
     suffix: str
     context: str
     document: TextDocument
     sampling: _common_pb2.SamplingParams
-    def __init__(self, prefix: _Optional[str] = ..., suffix: _Optional[str] = ..., context: _Optional[str] = ..., document: _Optional[_Union[TextDocument, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    prompt_lookup: bool
+    def __init__(self, prefix: _Optional[str] = ..., suffix: _Optional[str] = ..., context: _Optional[str] = ..., document: _Optional[_Union[TextDocument, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_lookup: _Optional[bool] = ...) -> None: ...
 
 class EditRequest(_message.Message):
     __slots__ = ("original", "snippet", "speculative", "sampling")
