@@ -58,10 +58,17 @@ def setup_telemetry(service_name: str) -> TracerProvider:
     global _telemetry
     if _telemetry is not None:
         return _telemetry.tracer_provider
-    resource = Resource.create({SERVICE_NAME: service_name})
+    # The standard variables win: OTEL_SERVICE_NAME names the service (a Kubernetes pod sets it).
+    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name})
     tracer_provider = TracerProvider(resource=resource)
-    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "console":
         tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif exporter == "otlp" or (not exporter and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        # OTLP over gRPC; the exporter reads OTEL_EXPORTER_OTLP_* (endpoint, headers, timeout) itself.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(tracer_provider)
     # PrometheusMetricReader registers itself with prometheus_client's default registry.
     meter_provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
