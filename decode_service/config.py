@@ -24,3 +24,11 @@ class DecodeConfig:
     kv_quarantine_s: float = 2.0
     """Seconds the blocks of a cancelled shared-memory transfer stay out of the pool, so a prefill worker's
     late write can never land in blocks that another request already owns."""
+
+    def __post_init__(self) -> None:
+        # NOTE: the shm transport writes into a pool in host shared memory; a GPU pool would be a CPU copy.
+        if "shm" in self.registration.transports and self.model.device != "cpu":
+            raise ValueError(
+                f"transport 'shm' needs the KV pool in host memory, but the device is {self.model.device!r}: "
+                "offer only 'grpc' (--transports grpc) on a GPU decode worker"
+            )

@@ -283,3 +283,12 @@ def test_up_serves_a_completion_and_stops_on_sigint(tmp_path: Path, code_tokeniz
             process.kill()
     assert process.returncode == 0, stderr
     assert stdout == ""
+
+
+def test_a_gpu_decode_worker_offering_shm_is_refused_with_what_to_change() -> None:
+    with pytest.raises((SettingsError, ValueError), match="--transports grpc"):
+        settings_for("serve", "decode", "--model", "/m", "--cache-store", "h:1", "--device", "cuda")
+    settings = settings_for(
+        "serve", "decode", "--model", "/m", "--cache-store", "h:1", "--device", "cuda", "--transports", "grpc"
+    )
+    assert isinstance(settings.config, DecodeConfig)
