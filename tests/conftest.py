@@ -9,6 +9,7 @@ no `lm_head.weight` when tied, `model.safetensors.index.json` when sharded).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from kvmesh.checkpoint import END_OF_TEXT, stdlib_corpus_files, train_code_tokenizer
+from tests.k8s_support import K8S, OVERLAYS, render
 
 TOKENIZER_VOCAB_SIZE = 512
 """The shared test tokenizer's vocabulary; tiny models default to exactly this many embeddings."""
@@ -193,3 +195,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The Kubernetes manifests, rendered once per session for tests/test_k8s*.py.
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {overlay: render(K8S / "overlays" / overlay) for overlay in OVERLAYS}
+
+
+@pytest.fixture(scope="session")
+def with_podmonitors(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The cpu overlay with the podmonitor component added, as a user's overlay would add it."""
+    root = tmp_path_factory.mktemp("overlay")
+    overlay = os.path.relpath(K8S / "overlays" / "cpu", root)
+    component = os.path.relpath(K8S / "components" / "podmonitor", root)
+    (root / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: kvmesh\n"
+        f"resources: [{overlay}]\ncomponents: [{component}]\n"
+    )
+    return render(root)
