@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from gateway.layout import PromptLayout  # noqa: E402
 from kvmesh import default_model_path  # noqa: E402
-from kvmesh.checkpoint import default_cache_dir  # noqa: E402
+from kvmesh.edit_data import EDIT_KINDS, make_edit, plain_source  # noqa: E402
 from kvmesh.engine import Engine  # noqa: E402
 from kvmesh.speculative import generate_speculative  # noqa: E402
 
@@ -64,9 +64,6 @@ MIN_LINES, MAX_LINES = 20, 120
 EXTRA_TOKENS = 8
 """Tokens generated past the expected output (a trained model would stop there; eos is ignored)."""
 PROMPT_LOOKUP_NUM_TOKENS = 10
-CONTEXT_LINES = 2
-MARKER = "# ... existing code ..."
-EDIT_KINDS = ("rename", "literal", "insert", "delete", "new_body")
 SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "testing", "_vendor", "vendor"})
 DEGENERATE_DISTINCT_TOKENS = 5
 NEAR_TIE = 1e-3
@@ -116,193 +113,9 @@ def read_source(path: Path) -> tuple[str, ast.Module] | None:
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return None
     num_lines = len(text.splitlines())
-    if not MIN_LINES <= num_lines <= MAX_LINES or "\r" in text or "\t" in text or not text.endswith("\n"):
+    if not MIN_LINES <= num_lines <= MAX_LINES or not plain_source(text):
         return None
     return text, tree
-
-
-def line_budget(num_lines: int) -> tuple[int, int]:
-    """Fewest and most changed lines for an edit touching 1-10% of num_lines lines."""
-    return max(1, -(-num_lines // 100)), max(1, num_lines // 10)
-
-
-def count_changed_lines(original: str, updated: str) -> int:
-    matcher = difflib.SequenceMatcher(None, original.splitlines(), updated.splitlines(), autojunk=False)
-    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
-
-
-def functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
-    return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
-
-
-def body_statements(func: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.stmt]:
-    """The body without its docstring; empty for a one-line `def f(): ...`."""
-    body = func.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    return [s for s in body if s.lineno > func.lineno]
-
-
-def indent_of(lines: list[str], stmt: ast.stmt) -> str | None:
-    """The indentation of stmt's first line, or None when stmt shares its line with something before it."""
-    line = lines[stmt.lineno - 1]
-    prefix = line.encode()[: stmt.col_offset].decode(errors="replace")
-    return prefix if prefix.strip() == "" else None
-
-
-def replace_spans(lines: list[str], spans: list[tuple[int, int, int, str]]) -> list[str]:
-    """Replace (line index, start byte, end byte, text) spans; ast columns are UTF-8 byte offsets."""
-    out = list(lines)
-    for index, start, end, text in sorted(spans, reverse=True):
-        raw = out[index].encode()
-        out[index] = (raw[:start] + text.encode() + raw[end:]).decode()
-    return out
-
-
-def edit_rename(
-    lines: list[str], tree: ast.Module, rng: random.Random, low: int, high: int
-) -> list[str] | None:
-    """A local name (argument or assigned) renamed at every use inside its function."""
-    funcs = functions(tree)
-    rng.shuffle(funcs)
-    for func in funcs:
-        names = sorted(
-            {a.arg for a in ast.walk(func.args) if isinstance(a, ast.arg)} - {"self", "cls"}
-            | {n.id for n in ast.walk(func) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        )
-        rng.shuffle(names)
-        for name in names:
-            spans = [
-                (n.lineno - 1, n.col_offset, n.col_offset + len(name.encode()), f"{name}_renamed")
-                for n in ast.walk(func)
-                if (isinstance(n, ast.Name) and n.id == name) or (isinstance(n, ast.arg) and n.arg == name)
-            ]
-            if low <= len({span[0] for span in spans}) <= high:
-                return replace_spans(lines, spans)
-    return None
-
-
-def edit_literal(
-    lines: list[str], tree: ast.Module, rng: random.Random, low: int, high: int
-) -> list[str] | None:
-    """Numbers and simple quoted strings changed, on `low` distinct lines."""
-    by_line: dict[int, tuple[int, int, str]] = {}
-    for node in ast.walk(tree):
-        if (
-            not isinstance(node, ast.Constant)
-            or node.lineno != node.end_lineno
-            or node.end_col_offset is None
-        ):
-            continue
-        segment = (
-            lines[node.lineno - 1].encode()[node.col_offset : node.end_col_offset].decode(errors="replace")
-        )
-        if isinstance(node.value, int) and not isinstance(node.value, bool) and segment.isdigit():
-            new = str(node.value * 2 if node.value > 1 else node.value + 2)
-        elif (
-            isinstance(node.value, str)
-            and len(segment) >= 3
-            and segment[0] in "'\""
-            and segment[-1] == segment[0]
-            and segment[:3] != segment[0] * 3
-            and "\\" not in segment
-        ):
-            new = segment[:-1] + " (updated)" + segment[-1]
-        else:
-            continue
-        by_line.setdefault(node.lineno - 1, (node.col_offset, node.end_col_offset, new))
-    if len(by_line) < low:
-        return None
-    chosen = rng.sample(sorted(by_line), low)
-    return replace_spans(lines, [(i, *by_line[i]) for i in chosen])
-
-
-def edit_insert(
-    lines: list[str], tree: ast.Module, rng: random.Random, low: int, high: int
-) -> list[str] | None:
-    """An argument check inserted at the top of a function body (one line, or two when low > 1)."""
-    funcs = functions(tree)
-    rng.shuffle(funcs)
-    for func in funcs:
-        args = [a.arg for a in func.args.args + func.args.kwonlyargs if a.arg not in ("self", "cls")]
-        body = body_statements(func)
-        if not args or not body or (indent := indent_of(lines, body[0])) is None:
-            continue
-        arg = rng.choice(args)
-        if low == 1:
-            new = [f"{indent}assert {arg} is not None, {arg!r}"]
-        else:
-            new = [
-                f"{indent}if {arg} is None:",
-                f'{indent}    raise ValueError("{func.name}: {arg} is required")',
-            ]
-        at = body[0].lineno - 1
-        return lines[:at] + new + lines[at:]
-    return None
-
-
-def edit_delete(
-    lines: list[str], tree: ast.Module, rng: random.Random, low: int, high: int
-) -> list[str] | None:
-    """`low` one-line statements deleted from function bodies that keep at least one statement."""
-    deletable = []
-    for func in functions(tree):
-        body = body_statements(func)
-        if len(body) > 1:
-            deletable += [
-                s.lineno - 1
-                for s in body[:-1]
-                if isinstance(s, ast.Expr | ast.Assign | ast.AugAssign) and s.lineno == s.end_lineno
-            ]
-    if len(deletable) < low:
-        return None
-    gone = set(rng.sample(sorted(deletable), low))
-    return [line for i, line in enumerate(lines) if i not in gone]
-
-
-def edit_new_body(
-    lines: list[str], tree: ast.Module, rng: random.Random, low: int, high: int
-) -> list[str] | None:
-    """A short function's body (after its docstring) replaced by a new one."""
-    funcs = functions(tree)
-    rng.shuffle(funcs)
-    for func in funcs:
-        body = body_statements(func)
-        if not body or (indent := indent_of(lines, body[0])) is None:
-            continue
-        start, end = body[0].lineno - 1, body[-1].end_lineno or body[-1].lineno
-        new = [f'{indent}warnings.warn("{func.name} is deprecated", DeprecationWarning, stacklevel=2)']
-        if end - start > 1 or low > 1:
-            new.append(f'{indent}raise NotImplementedError("{func.name} was removed; use the new API")')
-        if low <= max(end - start, len(new)) <= high:
-            return lines[:start] + new + lines[end:]
-    return None
-
-
-EDITS: dict[str, Callable[..., list[str] | None]] = {
-    "rename": edit_rename,
-    "literal": edit_literal,
-    "insert": edit_insert,
-    "delete": edit_delete,
-    "new_body": edit_new_body,
-}
-
-
-def make_snippet(original: str, updated: str) -> str:
-    """The changed region of updated with CONTEXT_LINES around it, and markers for the rest."""
-    old, new = original.splitlines(), updated.splitlines()
-    opcodes = difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
-    changed = [(j1, j2) for tag, _, _, j1, j2 in opcodes if tag != "equal"]
-    start = max(0, min(j1 for j1, _ in changed) - CONTEXT_LINES)
-    end = min(len(new), max(j2 for _, j2 in changed) + CONTEXT_LINES)
-    region = new[start:end]
-
-    def marker(line: str) -> str:
-        return line[: len(line) - len(line.lstrip())] + MARKER
-
-    head = [marker(region[0])] if start > 0 else []
-    tail = [marker(region[-1])] if end < len(new) else []
-    return "\n".join(head + region + tail) + "\n"
 
 
 def build_cases(num_cases: int, seed: int) -> list[EditCase]:
@@ -317,21 +130,22 @@ def build_cases(num_cases: int, seed: int) -> list[EditCase]:
             # The unrelated case: the previous file's edit, drafted from this file.
             name = f"UNRELATED draft {label} for {cases[-1].name}"
             return [*cases, replace(cases[-1], name=name, draft=text, unrelated=True)]
-        lines = text.splitlines()
-        low, high = line_budget(len(lines))
         rng = random.Random(f"{seed}:{label}")
-        for kind in EDIT_KINDS[len(cases) % len(EDIT_KINDS) :] + EDIT_KINDS[: len(cases) % len(EDIT_KINDS)]:
-            new_lines = EDITS[kind](lines, tree, rng, low, high)
-            if new_lines is None:
-                continue
-            updated = "\n".join(new_lines) + "\n"
-            num_changed = count_changed_lines(text, updated)
-            if low <= num_changed <= high:
-                snippet = make_snippet(text, updated)
-                cases.append(
-                    EditCase(f"{kind}: {label}", text, updated, snippet, len(lines), num_changed, text)
+        turn = len(cases) % len(EDIT_KINDS)
+        edit = make_edit(text, tree, rng, kinds=EDIT_KINDS[turn:] + EDIT_KINDS[:turn])
+        if edit is not None:
+            num_lines = len(text.splitlines())
+            cases.append(
+                EditCase(
+                    f"{edit.kind}: {label}",
+                    text,
+                    edit.updated,
+                    edit.snippet,
+                    num_lines,
+                    edit.num_changed_lines,
+                    text,
                 )
-                break
+            )
     raise RuntimeError(f"found only {len(cases)} usable files for {num_cases} cases + 1")
 
 
@@ -574,7 +388,7 @@ def report(
     command += f" --threads {args.threads} --repeats {num_repeats} --seed {args.seed}"
     command += f" --model {args.model}" if args.model else ""
     mc = engine.config
-    random_default = Path(model_path).resolve() == default_cache_dir().resolve()
+    shipped_default = Path(model_path).resolve() == default_model_path().resolve()
     edits = [r for r in results if not r.case.unrelated]
     out = [
         "## Speculative edits (CPU, float32)",
@@ -582,7 +396,7 @@ def report(
         f"- Machine: {cpu_model_name()}, {os.cpu_count()} cores; torch {torch.__version__} "
         f"({args.threads} threads), transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- Command: `{command}`",
-        f"- Model: {model_path}{' (the random-weight default)' if random_default else ''}: "
+        f"- Model: {model_path}{' (the shipped default model)' if shipped_default else ''}: "
         f"{mc.num_hidden_layers} layers, hidden {mc.hidden_size}, vocab {mc.vocab_size}; prefix caching off, "
         f"prefill chunk {engine.engine_config.prefill_chunk_size}.",
         f"- (a) `Engine.generate`, (b) `generate_speculative` (draft: the original), (c) transformers "
@@ -621,13 +435,6 @@ def report(
             f"NOTE: {len(degenerate)} of {len(results)} greedy outputs are degenerate ({distinct} distinct "
             "tokens: a token repeated): the equality check above is weak for them, and prompt lookup (c), "
             "which drafts from the text generated so far, accepts nearly all of its draft on them.",
-        ]
-    if random_default:
-        out += [
-            "",
-            "NOTE: this is the RANDOM-weight default model (the trained one is issue 4). Its output copies "
-            "nothing from the original, so exact-match and copy share are ~0, tokens/pass (b) ~1 and (b)/(a) "
-            "~1x: these numbers measure overheads, not the goals.",
         ]
     return out
 

@@ -1,8 +1,8 @@
-"""Writing Hugging Face-format checkpoints from scratch: a code tokenizer and random Llama weights.
+"""Writing Hugging Face-format checkpoints: a code tokenizer, and Llama weights (random or trained).
 
-`kvmesh up` and the benches need a model without downloading one; tests need checkpoints that both
-`transformers` and our loader read. This module writes them with `tokenizers`, `safetensors` and
-`torch` only (no `transformers`: it ships in the package).
+The default model's training script writes its result with `write_checkpoint`; tests need random
+checkpoints that both `transformers` and our loader read. This module writes them with `tokenizers`,
+`safetensors` and `torch` only (no `transformers`: it is not a runtime dependency).
 
 A written directory holds:
 
@@ -15,12 +15,8 @@ A written directory holds:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +42,6 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     EDIT_OUTPUT,
 )
 
-RANDOM_MODEL_NAME = "random-model-v1"
-"""Bump the suffix whenever `ensure_random_model` would write something different."""
-
-_REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 # Folders of the standard library that are not representative source code (or not the stdlib at all).
 _SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -196,9 +188,45 @@ def write_random_checkpoint(
         else:
             tensor = torch.empty(shape).normal_(0.0, init_std, generator=generator)
         tensors[name] = tensor.to(dtype).contiguous()
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    write_checkpoint(
+        path,
+        tensors,
+        llama_config(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+            eos_token_id=eos_token_id,
+            dtype=dtype,
+            rope_theta=rope_theta,
+            rms_norm_eps=rms_norm_eps,
+        ),
+        tokenizer,
+    )
+    return path
 
-    config = {
+
+def llama_config(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    max_position_embeddings: int,
+    tie_word_embeddings: bool,
+    eos_token_id: int,
+    dtype: torch.dtype,
+    rope_theta: float = 10000.0,
+    rms_norm_eps: float = 1e-5,
+) -> dict[str, object]:
+    """The config.json of a LlamaForCausalLM checkpoint with these shapes."""
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
@@ -220,6 +248,15 @@ def write_random_checkpoint(
         "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def write_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor], config: dict[str, object], tokenizer: Tokenizer
+) -> None:
+    """Write model.safetensors, config.json, generation_config.json and the tokenizer files into path."""
+    path.mkdir(parents=True, exist_ok=True)
+    eos_token_id = config["eos_token_id"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     _write_json(path / "config.json", config)
     _write_json(path / "generation_config.json", {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id})
     tokenizer.save(str(path / "tokenizer.json"))
@@ -231,71 +268,11 @@ def write_random_checkpoint(
             "eos_token": END_OF_TEXT,
             "unk_token": None,
             "add_prefix_space": False,
-            "model_max_length": max_position_embeddings,
+            "model_max_length": config["max_position_embeddings"],
             "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
         },
     )
-    return path
 
 
 def _write_json(path: Path, value: object) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "kvmesh" / RANDOM_MODEL_NAME
-
-
-def _is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in _REQUIRED_FILES)
-
-
-def ensure_random_model(cache_dir: Path | None = None) -> Path:
-    """The small random model that `kvmesh up` serves until a trained default model ships.
-
-    Built once into `cache_dir` (default `~/.cache/kvmesh/random-model-v1`) and reused: 4 layers,
-    hidden 256, 8 query heads over 2 KV heads, a 2048-token code tokenizer trained on 200 standard
-    library files. Takes a few seconds the first time.
-
-    NOTE: the directory is written under a temporary name beside `cache_dir` and renamed into place,
-    so a reader never sees a half-written model and two processes building at once both end up with
-    one complete copy (the loser of the rename discards its own).
-    """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if _is_complete(cache_dir):
-        return cache_dir
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    if cache_dir.exists():
-        # Not written by this function (it only ever renames complete directories into place): move the
-        # debris aside atomically, then delete it, so a concurrent builder never sees it half-deleted.
-        debris = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.broken-", dir=cache_dir.parent))
-        with contextlib.suppress(FileNotFoundError):  # another process moved it first
-            os.replace(cache_dir, debris / cache_dir.name)
-        shutil.rmtree(debris, ignore_errors=True)
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the model is not a secret
-        tokenizer = train_code_tokenizer(stdlib_corpus_files(200), vocab_size=2048)
-        write_random_checkpoint(
-            staging,
-            vocab_size=2048,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-            seed=0,
-            tokenizer=tokenizer,
-        )
-        try:
-            # NOTE: rename(2) onto an existing non-empty directory fails, so the first complete copy wins.
-            os.rename(staging, cache_dir)
-        except OSError:
-            if not _is_complete(cache_dir):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return cache_dir
