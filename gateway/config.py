@@ -22,6 +22,9 @@ class GatewayConfig:
     """Tokens generated when a request leaves sampling.max_tokens at 0."""
     max_request_bytes: int = 1024 * 1024
     """Largest serialized request accepted, in bytes."""
+    max_snippet_chars: int = 16384
+    """Longest update snippet an Edit may send, in characters: a snippet is the changed region of a file,
+    not a second copy of it."""
     request_timeout_s: float = 60.0
     """Deadline of a request whose client set none, in seconds."""
     refresh_ms: int = 500
@@ -74,6 +77,8 @@ class GatewayConfig:
                 f"need 0 < default_max_tokens ({self.default_max_tokens}) <= "
                 f"max_tokens_limit ({self.max_tokens_limit})"
             )
+        if self.max_snippet_chars <= 0:
+            raise ValueError(f"max_snippet_chars must be positive, got {self.max_snippet_chars}")
         if self.max_request_bytes <= 0:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         if self.request_timeout_s <= 0:

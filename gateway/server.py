@@ -26,7 +26,7 @@ from opentelemetry import trace
 from cache_store.registry import WorkerRole
 from gateway.config import GatewayConfig
 from gateway.failover import ResumableGeneration
-from gateway.layout import CompletionPrompt, PromptLayout, PromptTooLong, split_document
+from gateway.layout import CompletionPrompt, EditPrompt, PromptLayout, PromptTooLong, split_document
 from gateway.prefix_lookup import PrefixLookup
 from gateway.router import Router, WorkerPool
 from gateway.routing_cost import RoutePlan
@@ -49,6 +49,9 @@ _TOKENIZE_IN_THREAD_CHARS = 32 * 1024
 MIN_WINDOW_DIVISOR = 4
 """A document is cut to a window only if the window keeps at least 1/4 of the model's context; less
 means too much context or too large a max_tokens, which the caller should fix."""
+EDIT_SLACK_TOKENS = 64
+"""An edit that leaves max_tokens at 0 may write the original's length plus this many tokens: the updated
+file is about as long as the original, plus what the snippet adds."""
 
 
 def _invalid(message: str) -> ServiceError:
@@ -116,17 +119,47 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         sampling = self._sampling(request.sampling)
         if not request.original:
             raise _invalid("original is empty: send the code to rewrite")
+        if len(request.snippet) > self._config.max_snippet_chars:
+            raise _invalid(
+                f"snippet is {len(request.snippet)} characters, more than the limit of "
+                f"{self._config.max_snippet_chars} (max_snippet_chars): send only the changed region, with "
+                '"... existing code ..." markers for what stays'
+            )
         with self._tracer.start_as_current_span("route") as span:
             num_chars = len(request.original) + len(request.snippet)
             prompt = await self._tokenize(
                 lambda: self._layout.edit(request.original, request.snippet), num_chars
             )
+            self._fit_edit(prompt, request.sampling.max_tokens, sampling)
             draft = prompt.draft_token_ids if request.speculative else []
             generation = await self._start(prompt.token_ids, draft, sampling, identity, span, context)
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
         async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    def _fit_edit(
+        self, prompt: EditPrompt, requested_max_tokens: int, sampling: common_pb2.SamplingParams
+    ) -> None:
+        """Checks an edit against the model's context; an edit that leaves max_tokens at 0 may write as many
+        tokens as the original has plus EDIT_SLACK_TOKENS (the whole updated file), within the context."""
+        context_tokens = self._model_config.max_position_embeddings
+        num_prompt = len(prompt.token_ids)
+        num_original = len(prompt.draft_token_ids)
+        needed = requested_max_tokens or num_original
+        if num_prompt + needed > context_tokens:
+            answer = (
+                f"sampling.max_tokens ({requested_max_tokens})"
+                if requested_max_tokens
+                else f"an updated file about as long as the original ({num_original} tokens)"
+            )
+            raise _invalid(
+                f"original is {num_original} tokens: the edit prompt (original, snippet and markers) is "
+                f"{num_prompt} tokens and {answer} must fit beside it in the model's context of "
+                f"{context_tokens} tokens; send only the part of the file the edit touches"
+            )
+        if not requested_max_tokens:
+            sampling.max_tokens = min(context_tokens - num_prompt, num_original + EDIT_SLACK_TOKENS)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
         # NOTE: any cache salt the client sends (x-kvmesh-cache-salt or otherwise) is never read: the

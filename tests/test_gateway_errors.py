@@ -143,7 +143,31 @@ def test_edit_longer_than_the_context(checkpoint: Path, tokenizer: Tokenizer) ->
         gateway_pb2.EditRequest(original=original, sampling=sampling(max_tokens=16)),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
-    assert f"limit of {CONTEXT_TOKENS - 16}" in message, message
+    num_original = len(tokenizer.encode(original))
+    assert f"original is {num_original} tokens" in message, message
+    assert f"context of {CONTEXT_TOKENS} tokens" in message and "sampling.max_tokens (16)" in message
+
+
+def test_edit_without_max_tokens_needs_room_for_a_whole_file(checkpoint: Path, tokenizer: Tokenizer) -> None:
+    # The prompt alone fits, but an updated file as long as the original does not fit beside it.
+    original = "def f(argument):\n    return argument\n" * 8
+    num_original = len(tokenizer.encode(original))
+    assert 2 * num_original > CONTEXT_TOKENS > num_original + 3
+    message = _expect_error(
+        checkpoint, gateway_pb2.EditRequest(original=original), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert f"original is {num_original} tokens" in message, message
+    assert "about as long as the original" in message, message
+
+
+def test_snippet_over_its_limit(checkpoint: Path) -> None:
+    message = _expect_error(
+        checkpoint,
+        gateway_pb2.EditRequest(original="x = 1\n", snippet="y = 2\n" * 10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        max_snippet_chars=40,
+    )
+    assert "snippet is 60 characters" in message and "limit of 40" in message, message
 
 
 def test_max_tokens_counts_against_the_context(checkpoint: Path) -> None:
