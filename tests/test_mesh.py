@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -20,7 +22,9 @@ from kvmesh.client import Client
 from kvmesh.engine import Engine
 from kvmesh.telemetry import add_span_processor, setup_telemetry
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2
+from tests.factories import random_ids
 from tests.mesh_harness import MeshInThread, MeshSpec
+from tests.test_speculative import NUM_FREE_RUN, edit_lists, edited
 
 PREFIX = "import os\n\ndef read_config(path):\n    with open(path) as f:\n        "
 SUFFIX = "\n    return config\n"
@@ -232,6 +236,44 @@ def test_speculative_edit_streams_exactly_what_plain_greedy_decoding_gives(model
     usage = chunks[-1].usage
     assert usage.accepted_prediction_tokens >= 30 and usage.rejected_prediction_tokens > 0
     assert usage.forward_passes < 20
+
+
+@pytest.fixture(scope="module")
+def speculative_mesh(model_path: Path):
+    # Prefill on the prefill worker, KV over the gRPC stream: drafts are verified on shipped KV.
+    with MeshInThread(MeshSpec(str(model_path), gateway={"transport": "grpc"})) as mesh:
+        yield mesh
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    prompt_seed=st.integers(0, 999),
+    edits=edit_lists,
+    max_tokens=st.integers(1, NUM_FREE_RUN + 4),
+    stop_at=st.none() | st.floats(0, 1),
+)
+def test_decode_worker_speculation_equals_plain_greedy_on_random_drafts(
+    speculative_mesh, engine, prompt_seed, edits, max_tokens, stop_at
+):
+    # Drafts are edited copies of the model's own output (insertions, deletions, substitutions, moved
+    # blocks, unrelated or empty), so long runs are accepted and stops and max_tokens fall inside
+    # accepted chunks; the worker's stream must be plain greedy decoding's, token for token.
+    prompt = random_ids(40, vocab_size=engine.config.vocab_size, seed=prompt_seed)
+    free_run = engine.generate(prompt, NUM_FREE_RUN, ignore_eos=True)
+    stops = [] if stop_at is None else [free_run[int(stop_at * (len(free_run) - 1))]]
+    expected = engine.generate(prompt, max_tokens, ignore_eos=True, stop_token_ids=stops)
+    decode = next(s for n, s in speculative_mesh.servers.items() if n.startswith("decode"))
+    request = decode_pb2.GenerateRequest(
+        request_id=f"prop-{prompt_seed}", prompt_token_ids=prompt, draft_token_ids=edited(free_run, edits)
+    )
+    request.sampling.max_tokens = max_tokens
+    request.sampling.ignore_eos = True
+    request.sampling.stop_token_ids.extend(stops)
+    with grpc.insecure_channel(decode.address) as channel:
+        chunks = list(decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=60))
+    assert [t for c in chunks for t in c.token_ids] == expected
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == len(expected)
 
 
 def test_prompt_lookup_completion_streams_exactly_the_plain_completion(model_path, engine):
