@@ -35,10 +35,11 @@ COPY gateway/ gateway/
 COPY prefill_service/ prefill_service/
 COPY decode_service/ decode_service/
 COPY cache_store/ cache_store/
-# The small default model, built once here: every pod serves the same bytes (one model fingerprint,
-# so the gateway's block hashes match the workers'), and none writes at start-up (read-only root).
+# The default model ships inside the package; it is also copied to a fixed path the manifests name
+# (KVMESH_MODEL), so a pod's model does not depend on where pip put site-packages.
 RUN pip install --no-cache-dir . \
-    && python -c "from pathlib import Path; from kvmesh.checkpoint import ensure_random_model; ensure_random_model(Path('/opt/kvmesh/models/default'))"
+    && mkdir -p /opt/kvmesh/models \
+    && cp -r "$(python -c 'import kvmesh; print(kvmesh.default_model_path())')" /opt/kvmesh/models/default
 
 FROM python
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin kvmesh

@@ -196,8 +196,8 @@ def test_dockerfile_user_and_default_model_match_the_manifests(
     (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
     for container in by_role(rendered["cpu"]).values():
         assert str(container.pod["securityContext"]["runAsUser"]) == user[0]
-        if "KVMESH_MODEL" in container.env:  # the default model the image bakes in
-            assert f"ensure_random_model(Path('{container.env['KVMESH_MODEL']}'))" in dockerfile
+        if "KVMESH_MODEL" in container.env:  # the default model the image copies out of the package
+            assert f"print(kvmesh.default_model_path())')\" {container.env['KVMESH_MODEL']}\n" in dockerfile
 
 
 def test_gpu_workers_get_a_gpu_and_the_model_volume(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -1,0 +1,486 @@
+"""Train kvmesh's default model: a small Llama (GQA) code model for SPM completion and apply-edit.
+
+    python scripts/train_default_model.py            # about an hour on 2 CPU cores; writes kvmesh/models/default
+    python scripts/train_default_model.py --resume   # go on from the last checkpoint in --work
+
+Data: the CPython standard library of the running interpreter (test suites left out), split by file: a
+file whose path hashes to 0 mod 10 is held out for evaluation (scripts/eval_default_model.py). Cut into
+"files" of 3-80 lines (runs of whole statements of one block, dedented; kvmesh.edit_data).
+
+Tokenizer: byte-level BPE, 4,096 tokens, trained on the training files, with the FIM and apply-edit
+special tokens (kvmesh.checkpoint.train_code_tokenizer).
+
+Tasks, laid out exactly as the gateway lays out requests (gateway.layout.PromptLayout), loss on the
+answer only:
+- apply-edit: original + fast-apply snippet -> the whole updated file, then <|endoftext|>; synthetic
+  edits with new text drawn from other code (kvmesh.edit_data, EditStyle);
+- copy: the same layout with a snippet of one "# ... existing code ..." marker (nothing to change), of
+  whole files, of token runs cut anywhere, and, first of all, of uniformly random tokens;
+- fill-in-the-middle in SPM order: the middle (rest of a line, or 1-3 lines), then <|endoftext|>.
+
+Curriculum (PHASES): random-token copies first. On code, the model first learns what next-token
+statistics give (about a third of the tokens) and is slow to find copying; random tokens leave it
+nothing but looking the next token up in the original, which it learns in ~100 steps and then reuses.
+It must be learned to the end there (a circuit half formed is dropped as soon as code offers next-token
+statistics), and random-token copies stay in the mix later to keep it. Then short code files, then files
+up to 40 lines, then some up to 80. Every step's data comes from
+Random(seed, step), so a resumed run sees the same batches as an uninterrupted one. A checkpoint is
+written every --checkpoint-every steps into --work; the finished model is exported as a Hugging Face
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import math
+import os
+import random
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from gateway.layout import PromptLayout  # noqa: E402
+from kvmesh.checkpoint import (  # noqa: E402
+    EDIT_ORIGINAL,
+    EDIT_OUTPUT,
+    EDIT_SNIPPET,
+    END_OF_TEXT,
+    SPECIAL_TOKENS,
+    llama_config,
+    stdlib_corpus_files,
+    train_code_tokenizer,
+    write_checkpoint,
+)
+from kvmesh.edit_data import MARKER, EditStyle, make_edit, plain_source  # noqa: E402
+from kvmesh.tokenizer import Tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "kvmesh" / "models" / "default"
+HELD_OUT_MODULUS = 10
+MODEL_SHAPE = {
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
+MAX_POSITION_EMBEDDINGS = 8192
+
+
+# --- corpus ------------------------------------------------------------------------------------------
+
+
+def is_held_out(relative_path: str) -> bool:
+    """Whole files are held out for evaluation: those whose path hashes to 0 mod HELD_OUT_MODULUS."""
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % HELD_OUT_MODULUS == 0
+
+
+def corpus_files(held_out: bool) -> list[Path]:
+    """The standard library's Python files (tests left out) on one side of the split, sorted."""
+    files = stdlib_corpus_files(limit=1_000_000)
+    root = Path(os.path.commonpath([str(f) for f in files]))
+    return [f for f in files if is_held_out(f.relative_to(root).as_posix()) == held_out]
+
+
+@dataclass
+class SourceFile:
+    lines: list[str]
+    blocks: list[list[tuple[int, int]]]
+    """Per statement block (module, class bodies): each statement's (first line index, end line)."""
+
+
+class Corpus:
+    """Source files as statement spans, to cut windows from, plus material for edits' new text."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files: list[SourceFile] = []
+        self.starts: list[tuple[int, int, int]] = []
+        names: set[str] = set()
+        statements: list[str] = []
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+                tree = ast.parse(text)
+            except (UnicodeDecodeError, SyntaxError, ValueError):
+                continue
+            if not plain_source(text):
+                continue
+            lines = text.splitlines()
+            blocks = [tree.body] + [n.body for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+            spans = [
+                [
+                    (
+                        min([s.lineno, *(d.lineno for d in getattr(s, "decorator_list", []))]) - 1,
+                        s.end_lineno or s.lineno,
+                    )
+                    for s in block
+                ]
+                for block in blocks
+            ]
+            index = len(self.files)
+            self.files.append(SourceFile(lines, spans))
+            self.starts += [(index, b, s) for b, block in enumerate(spans) for s in range(len(block))]
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name) and len(node.id) > 1:
+                    names.add(node.id)
+                elif (
+                    isinstance(node, ast.Expr | ast.Assign | ast.AugAssign | ast.Return)
+                    and node.lineno == node.end_lineno
+                ):
+                    line = lines[node.lineno - 1]
+                    # Only statements alone on their line (ASCII, so ast's byte columns are characters).
+                    if (
+                        line.isascii()
+                        and len(line) <= 80
+                        and line[node.col_offset : node.end_col_offset] == line.strip()
+                    ):
+                        statements.append(line.strip())
+        self.style = EditStyle(names=sorted(names), statements=sorted(set(statements)))
+
+    def window(self, rng: random.Random, min_lines: int, max_lines: int) -> tuple[str, ast.Module]:
+        """A random window of min_lines-max_lines lines (whole statements of one block, dedented)."""
+        while True:
+            file_index, block_index, start = rng.choice(self.starts)
+            source = self.files[file_index]
+            block = source.blocks[block_index]
+            target = rng.randint(min_lines, max_lines)
+            first, end = block[start][0], None
+            for _, stmt_end in block[start:]:
+                if stmt_end - first > target:
+                    break
+                end = stmt_end
+            if end is None or end - first < min_lines:
+                continue
+            text = textwrap.dedent("\n".join(source.lines[first:end])) + "\n"
+            try:
+                return text, ast.parse(text)
+            except SyntaxError:
+                continue
+
+
+# --- examples ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    token_ids: list[int]
+    answer_start: int
+    """Index of the first answer token: the loss is on token_ids[answer_start:]."""
+
+
+class ExampleMaker:
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer) -> None:
+        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self.layout = PromptLayout(tokenizer)
+        self.eos = tokenizer.token_to_id(END_OF_TEXT)
+
+    def _answer(self, prompt: list[int], answer: str) -> Example:
+        return Example([*prompt, *self.tokenizer.encode(answer), self.eos], len(prompt))
+
+    def edit(
+        self, rng: random.Random, min_lines: int, max_lines: int, style: EditStyle | None = None
+    ) -> Example:
+        while True:
+            text, tree = self.corpus.window(rng, min_lines, max_lines)
+            num_lines = len(text.splitlines())
+            low = rng.randint(1, max(1, num_lines // 10))
+            kinds = rng.sample(["rename", "literal", "insert", "delete", "new_body"], 5)
+            edit = make_edit(
+                text,
+                tree,
+                rng,
+                kinds=kinds,
+                budget=(low, max(low, num_lines // 6)),
+                style=style or self.corpus.style,
+            )
+            if edit is not None:
+                return self._answer(self.layout.edit(edit.original, edit.snippet).token_ids, edit.updated)
+
+    def copy(self, rng: random.Random, min_lines: int, max_lines: int) -> Example:
+        text, _ = self.corpus.window(rng, min_lines, max_lines)
+        return self._answer(self.layout.edit(text, MARKER + "\n").token_ids, text)
+
+    def copy_random_tokens(self, rng: random.Random, min_tokens: int, max_tokens: int) -> Example:
+        """Copy uniformly random tokens: nothing to guess from code statistics, so the model must learn to
+        look the next token up in the original (induction), which it then reuses on code."""
+        ids = [
+            rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)
+            for _ in range(rng.randint(min_tokens, max_tokens))
+        ]
+        marker = self.tokenizer.encode(MARKER + "\n")
+        original, snippet, output = (
+            self.tokenizer.token_to_id(t) for t in (EDIT_ORIGINAL, EDIT_SNIPPET, EDIT_OUTPUT)
+        )
+        return Example([original, *ids, snippet, *marker, output, *ids, self.eos], len(ids) + len(marker) + 3)
+
+    def copy_chunk(self, rng: random.Random, min_tokens: int, max_tokens: int) -> Example:
+        """Copy a run of tokens cut anywhere from a file: the pure copying task, learned first."""
+        while True:
+            text, _ = self.corpus.window(rng, 8, 40)
+            ids = self.tokenizer.encode(text)
+            size = rng.randint(min_tokens, max_tokens)
+            if len(ids) < size:
+                continue
+            start = rng.randrange(len(ids) - size + 1)
+            chunk = self.tokenizer.decode(ids[start : start + size])
+            return self._answer(self.layout.edit(chunk, MARKER + "\n").token_ids, chunk)
+
+    def fill_in_the_middle(self, rng: random.Random, min_lines: int, max_lines: int) -> Example:
+        text, _ = self.corpus.window(rng, min_lines, max_lines)
+        lines = text.splitlines(keepends=True)
+        first = rng.randrange(len(lines))
+        if rng.random() < 0.5:
+            # The cursor inside a line: the middle is the rest of it.
+            column = rng.randrange(len(lines[first]))
+            middle_start = sum(len(line) for line in lines[:first]) + column
+            middle_end = sum(len(line) for line in lines[: first + 1])
+        else:
+            middle_start = sum(len(line) for line in lines[:first])
+            middle_end = sum(len(line) for line in lines[: first + rng.randint(1, 3)])
+        prompt = self.layout.completion(text[:middle_start], text[middle_end:])
+        return self._answer(prompt, text[middle_start:middle_end])
+
+
+@dataclass(frozen=True)
+class Phase:
+    until: float
+    """Fraction of the steps this phase ends at."""
+    lines: tuple[int, int]
+    long_lines: tuple[int, int] | None
+    """Some batches take files of this many lines instead."""
+    mix: tuple[float, float, float, float, float]
+    """Shares of edit, copy, fill-in-the-middle, token-chunk copy and random-token copy examples."""
+
+
+PHASES = (
+    Phase(0.3, (3, 16), None, (0.0, 0.0, 0.0, 0.0, 1.0)),
+    Phase(0.4, (3, 16), None, (0.3, 0.1, 0.1, 0.3, 0.2)),
+    Phase(0.7, (4, 40), None, (0.65, 0.05, 0.15, 0.05, 0.1)),
+    Phase(1.0, (4, 40), (40, 80), (0.65, 0.05, 0.15, 0.05, 0.1)),
+)
+CHUNK_TOKENS = (32, 128)
+RANDOM_TOKENS = (48, 80)
+LONG_BATCH_SHARE = 0.25
+
+
+def make_batch(maker: ExampleMaker, rng: random.Random, phase: Phase, batch_tokens: int) -> list[Example]:
+    lines = phase.lines
+    if phase.long_lines and rng.random() < LONG_BATCH_SHARE:
+        lines = phase.long_lines
+    # One size per batch, so the padding is small.
+    top = rng.randint(*lines)
+    low = max(lines[0], int(top * 0.75))
+    examples: list[Example] = []
+    longest = 0
+    while True:
+        task = rng.choices(("edit", "copy", "fim", "chunk", "random"), weights=phase.mix)[0]
+        if task == "edit":
+            example = maker.edit(rng, low, top)
+        elif task == "random":
+            example = maker.copy_random_tokens(rng, *RANDOM_TOKENS)
+        elif task == "chunk":
+            example = maker.copy_chunk(rng, *CHUNK_TOKENS)
+        elif task == "copy":
+            example = maker.copy(rng, low, top)
+        else:
+            example = maker.fill_in_the_middle(rng, min(2 * low, 80), min(2 * top, 80))
+        longest = max(longest, len(example.token_ids))
+        if examples and longest * (len(examples) + 1) > batch_tokens:
+            return examples
+        examples.append(example)
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and the loss mask, right-padded (causal attention never sees the padding)."""
+    width = max(len(e.token_ids) for e in examples) - 1
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        ids = torch.tensor(example.token_ids)
+        inputs[row, : len(ids) - 1] = ids[:-1]
+        targets[row, : len(ids) - 1] = ids[1:]
+        mask[row, example.answer_start - 1 : len(ids) - 1] = True
+    return inputs, targets, mask
+
+
+# --- model and training ------------------------------------------------------------------------------
+
+
+def build_model(tokenizer: Tokenizer, seed: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **MODEL_SHAPE,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.token_to_id(END_OF_TEXT),
+        eos_token_id=tokenizer.token_to_id(END_OF_TEXT),
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def answer_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """Mean cross-entropy on the answer tokens, and how many of them greedy decoding gets right."""
+    hidden = model.model(input_ids=inputs).last_hidden_state
+    logits = model.lm_head(hidden[mask])
+    answer = targets[mask]
+    loss = F.cross_entropy(logits, answer)
+    return loss, (logits.argmax(-1) == answer)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def phase_at(step: int, steps: int) -> Phase:
+    return next(p for p in PHASES if step < p.until * steps or p is PHASES[-1])
+
+
+@torch.no_grad()
+def probe(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> str:
+    """Teacher-forced figures on held-out edits: token accuracy, and the share of answers all right."""
+    model.eval()
+    right = total = whole = count = 0
+    for inputs, targets, mask in batches:
+        _, correct = answer_loss(model, inputs, targets, mask)
+        right += int(correct.sum())
+        total += correct.numel()
+        rows = torch.zeros(mask.shape, dtype=torch.bool)
+        rows[mask] = ~correct
+        whole += int((~rows.any(dim=1)).sum())
+        count += mask.shape[0]
+    model.train()
+    return f"held-out edits: token accuracy {right / total:.4f}, answers all right {whole}/{count}"
+
+
+def export(model: torch.nn.Module, tokenizer_path: Path, out: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokenizer = HFTokenizer.from_file(str(tokenizer_path))
+    state = model.state_dict()
+    tensors = {
+        name: tensor.detach().to(torch.float32).contiguous()
+        for name, tensor in state.items()
+        if name != "lm_head.weight"  # tied to model.embed_tokens.weight
+    }
+    config = llama_config(
+        **MODEL_SHAPE,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.token_to_id(END_OF_TEXT),
+        dtype=torch.float32,
+    )
+    write_checkpoint(out, tensors, config, tokenizer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the finished checkpoint goes")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "kvmesh" / "train-default")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-tokens", type=int, default=6144)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--probe-every", type=int, default=250)
+    parser.add_argument("--resume", action="store_true", help="go on from --work/state.pt")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    tokenizer_path = args.work / "tokenizer.json"
+    train_files = corpus_files(held_out=False)
+    if not (args.resume and tokenizer_path.is_file()):
+        train_code_tokenizer(train_files, vocab_size=MODEL_SHAPE["vocab_size"]).save(str(tokenizer_path))
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    maker = ExampleMaker(Corpus(train_files), tokenizer)
+    held_out = ExampleMaker(Corpus(corpus_files(held_out=True)), tokenizer)
+    probe_rng = random.Random(f"{args.seed}:probe")
+    probe_batches = [
+        collate([held_out.edit(probe_rng, 10, 40, style=maker.corpus.style) for _ in range(8)], maker.eos)
+        for _ in range(4)
+    ]
+    print(
+        f"corpus: {len(train_files)} training files, {len(maker.corpus.starts)} statements; "
+        f"vocab {tokenizer.vocab_size}; ready in {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+
+    model = build_model(tokenizer, args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    state_path = args.work / "state.pt"
+    step = 0
+    if args.resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed at step {step}", flush=True)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+
+    model.train()
+    window_loss = window_right = window_total = 0.0
+    tick = time.monotonic()
+    while step < args.steps:
+        rng = random.Random(f"{args.seed}:{step}")
+        phase = phase_at(step, args.steps)
+        inputs, targets, mask = collate(make_batch(maker, rng, phase, args.batch_tokens), maker.eos)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        loss, correct = answer_loss(model, inputs, targets, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_loss += float(loss)
+        window_right += int(correct.sum())
+        window_total += correct.numel()
+        if step % 25 == 0:
+            elapsed = time.monotonic() - tick
+            print(
+                f"step {step}/{args.steps} loss {window_loss / 25:.4f} answer-token acc "
+                f"{window_right / window_total:.4f} {25 / elapsed:.2f} steps/s "
+                f"[{(time.monotonic() - started) / 60:.1f} min]",
+                flush=True,
+            )
+            window_loss = window_right = window_total = 0.0
+            tick = time.monotonic()
+        if step % args.probe_every == 0 or step == args.steps:
+            print(f"step {step}: {probe(model, probe_batches)}", flush=True)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            scratch = state_path.with_suffix(".tmp")
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, scratch
+            )
+            os.replace(scratch, state_path)
+    export(model, tokenizer_path, args.out)
+    print(f"wrote {args.out} after {(time.monotonic() - started) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
