@@ -4,7 +4,7 @@
     kvmesh up [--port 50051] [--model PATH] [--transport auto|shm|grpc]   all four roles on loopback
     kvmesh complete --target HOST:PORT --file F [--line L --column C] [--max-tokens N]
     kvmesh edit --target HOST:PORT --file F --snippet S [--no-speculative] [--max-tokens N]
-    kvmesh demo                                                up, one completion through it, stop
+    kvmesh demo                                                up, one completion and one edit through it, stop
 
 `kvmesh serve ROLE --help` lists a role's flags with their KVMESH_* variables (kvmesh.settings).
 Exit codes: 0 success or stopped by a signal, 1 failure at run time, 2 bad flags or variables.
@@ -45,6 +45,23 @@ assert tuple(ROLE_HELP) == ROLES
 
 DEMO_PREFIX = "def fibonacci(n):\n    "
 DEMO_SUFFIX = "\n\n\nprint(fibonacci(10))\n"
+DEMO_ORIGINAL = """def mean(values):
+    total = 0
+    for value in values:
+        total += value
+    return total / len(values)
+
+
+def spread(values):
+    return max(values) - min(values)
+"""
+DEMO_SNIPPET = """def mean(values):
+    if not values:
+        raise ValueError("mean of no values")
+    total = 0
+    for value in values:
+    # ... existing code ...
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(edit)
 
     demo = commands.add_parser(
-        "demo", help="up + one completion + stop", description="Try the mesh in one command."
+        "demo", help="up + one completion + one edit + stop", description="Try the mesh in one command."
     )
     demo.add_argument("--port", type=int, default=0, help="the gateway's port (default: a free one)")
     add_options(demo, [MODEL])
@@ -191,6 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"kvmesh up: gateway on {address} (prefill, decode, cache-store SERVING)", flush=True)
         print(f"completing at the cursor (|):\n{DEMO_PREFIX}|{DEMO_SUFFIX}", flush=True)
         await asyncio.to_thread(_demo_completion, address, args.max_tokens)
+        print(f"\nediting:\n{DEMO_ORIGINAL}with the update snippet:\n{DEMO_SNIPPET}", flush=True)
+        await asyncio.to_thread(_demo_edit, address)
 
     async def demo() -> int:
         try:
@@ -215,7 +234,15 @@ def _demo_completion(address: str, max_tokens: int) -> None:
         print(flush=True)
         if last is not None:
             print(format_usage(last), flush=True)
-    print("(the default model has random weights until the trained one ships: expect gibberish)", flush=True)
+
+
+def _demo_edit(address: str) -> None:
+    with Client(address) as client:
+        print("edited file:", flush=True)
+        last = _print_stream(client.edit(DEMO_ORIGINAL, DEMO_SNIPPET))
+        print(flush=True)
+        if last is not None:
+            print(format_usage(last), flush=True)
 
 
 def _query(args: argparse.Namespace) -> int:
