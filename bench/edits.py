@@ -42,7 +42,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import sysconfig
 import time
@@ -54,6 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.engine import cpu_model_name  # noqa: E402
 from gateway.layout import PromptLayout  # noqa: E402
 from kvmesh import default_model_path  # noqa: E402
 from kvmesh.edit_data import EDIT_KINDS, make_edit, plain_source  # noqa: E402
@@ -290,17 +290,6 @@ def run_case(
 
 
 # --- report ------------------------------------------------------------------------------------------
-
-
-def cpu_model_name() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in lscpu.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def row(label: str, results: list[CaseResult]) -> str:
