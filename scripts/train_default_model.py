@@ -1,6 +1,6 @@
 """Train kvmesh's default model: a small Llama (GQA) code model for SPM completion and apply-edit.
 
-    python scripts/train_default_model.py            # about an hour on 2 CPU cores; writes kvmesh/models/default
+    python scripts/train_default_model.py            # about 80 minutes on 2 CPU cores; writes kvmesh/models/default
     python scripts/train_default_model.py --resume   # go on from the last checkpoint in --work
 
 Data: the CPython standard library of the running interpreter (test suites left out), split by file: a
@@ -23,10 +23,12 @@ statistics give (about a third of the tokens) and is slow to find copying; rando
 nothing but looking the next token up in the original, which it learns in ~100 steps and then reuses.
 It must be learned to the end there (a circuit half formed is dropped as soon as code offers next-token
 statistics), and random-token copies stay in the mix later to keep it. Then short code files, then files
-up to 40 lines, then some up to 80. Every step's data comes from
-Random(seed, step), so a resumed run sees the same batches as an uninterrupted one. A checkpoint is
-written every --checkpoint-every steps into --work; the finished model is exported as a Hugging Face
-checkpoint.
+up to 40 lines, then some up to 80. Stage 2 (--polish-steps) restarts the learning rate on mostly edits,
+files up to 120 lines, and answers whose inputs carry a wrong token now and then (corrupt): without it
+the model, once it emits one wrong token, loses its place in the original and loops. Every step's data
+comes from Random(seed, step), so a resumed run sees the same batches as an uninterrupted one. A
+checkpoint is written every --checkpoint-every steps into --work; the finished model is exported as a
+Hugging Face checkpoint.
 """
 
 from __future__ import annotations
@@ -219,11 +221,53 @@ class ExampleMaker:
             rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size)
             for _ in range(rng.randint(min_tokens, max_tokens))
         ]
+        return self._edit_ids(ids, self.tokenizer.encode(MARKER + "\n"), ids)
+
+    def _edit_ids(self, original: list[int], snippet: list[int], updated: list[int]) -> Example:
+        ids = [self.tokenizer.token_to_id(t) for t in (EDIT_ORIGINAL, EDIT_SNIPPET, EDIT_OUTPUT)]
+        prompt = [ids[0], *original, ids[1], *snippet, ids[2]]
+        return Example([*prompt, *updated, self.eos], len(prompt))
+
+    def repetitive(self, rng: random.Random, min_lines: int, max_lines: int) -> Example:
+        """Copy, or apply a one-line edit to, "lines" of random tokens built from a few phrases, many
+        lines repeated whole or nearly: the last few tokens say little about where the output stands in
+        the original, so only a longer context (or the snippet's context lines) finds the place. Real
+        code repeats this way (doctests, similar calls), and that is where a model that matches only a
+        token or two loses its place and loops."""
+        words = [
+            rng.randrange(len(SPECIAL_TOKENS), self.tokenizer.vocab_size) for _ in range(rng.randint(4, 12))
+        ]
+        phrases = [[rng.choice(words) for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(3, 8))]
+        newline = self.tokenizer.encode("\n")
+
+        def new_line() -> list[int]:
+            return [t for _ in range(rng.randint(2, 5)) for t in rng.choice(phrases)]
+
+        lines: list[list[int]] = []
+        for _ in range(rng.randint(min_lines, max_lines)):
+            roll = rng.random()
+            if lines and roll < 0.35:
+                lines.append(list(rng.choice(lines)))
+            elif lines and roll < 0.7:
+                line = list(rng.choice(lines))
+                line[rng.randrange(len(line))] = rng.choice(words)
+                lines.append(line)
+            else:
+                lines.append(new_line())
+        original = [t for line in lines for t in (*line, *newline)]
         marker = self.tokenizer.encode(MARKER + "\n")
-        original, snippet, output = (
-            self.tokenizer.token_to_id(t) for t in (EDIT_ORIGINAL, EDIT_SNIPPET, EDIT_OUTPUT)
-        )
-        return Example([original, *ids, snippet, *marker, output, *ids, self.eos], len(ids) + len(marker) + 3)
+        if rng.random() < 0.5:
+            return self._edit_ids(original, marker, original)
+        changed = rng.randrange(len(lines))
+        updated_lines = [*lines[:changed], new_line(), *lines[changed + 1 :]]
+        shown = updated_lines[max(0, changed - 2) : changed + 3]
+        snippet = [
+            *(marker if changed > 2 else []),
+            *(t for line in shown for t in (*line, *newline)),
+            *(marker if changed + 3 < len(lines) else []),
+        ]
+        updated = [t for line in updated_lines for t in (*line, *newline)]
+        return self._edit_ids(original, snippet, updated)
 
     def copy_chunk(self, rng: random.Random, min_tokens: int, max_tokens: int) -> Example:
         """Copy a run of tokens cut anywhere from a file: the pure copying task, learned first."""
@@ -260,8 +304,13 @@ class Phase:
     lines: tuple[int, int]
     long_lines: tuple[int, int] | None
     """Some batches take files of this many lines instead."""
-    mix: tuple[float, float, float, float, float]
-    """Shares of edit, copy, fill-in-the-middle, token-chunk copy and random-token copy examples."""
+    mix: tuple[float, ...]
+    """Shares of TASKS: edit, copy, fill-in-the-middle, token-chunk copy, random-token copy and
+    repetitive random-token copy or edit examples (missing ones are 0)."""
+    long_share: float = 0.25
+    """Share of batches that take long_lines."""
+    noise: float = 0.0
+    """Per answer token, the chance that a run of 1-3 of the answer's input tokens is replaced (see corrupt)."""
 
 
 PHASES = (
@@ -270,14 +319,27 @@ PHASES = (
     Phase(0.7, (4, 40), None, (0.65, 0.05, 0.15, 0.05, 0.1)),
     Phase(1.0, (4, 40), (40, 80), (0.65, 0.05, 0.15, 0.05, 0.1)),
 )
+# Stage 2 (--polish-steps, fractions of those steps): a warm restart of the learning rate on mostly
+# edits, longer files (up to 120 lines, as real files run) and corrupted answer inputs, so the model learns
+# to find its place in the original again after a wrong token instead of looping or drifting.
+POLISH_PHASES = (
+    Phase(
+        1.0,
+        (6, 40),
+        (40, 120),
+        (0.6, 0.05, 0.1, 0.0, 0.05, 0.2),
+        long_share=0.35,
+        noise=0.02,
+    ),
+)
+TASKS = ("edit", "copy", "fim", "chunk", "random", "repetitive")
 CHUNK_TOKENS = (32, 128)
 RANDOM_TOKENS = (48, 80)
-LONG_BATCH_SHARE = 0.25
 
 
 def make_batch(maker: ExampleMaker, rng: random.Random, phase: Phase, batch_tokens: int) -> list[Example]:
     lines = phase.lines
-    if phase.long_lines and rng.random() < LONG_BATCH_SHARE:
+    if phase.long_lines and rng.random() < phase.long_share:
         lines = phase.long_lines
     # One size per batch, so the padding is small.
     top = rng.randint(*lines)
@@ -285,13 +347,15 @@ def make_batch(maker: ExampleMaker, rng: random.Random, phase: Phase, batch_toke
     examples: list[Example] = []
     longest = 0
     while True:
-        task = rng.choices(("edit", "copy", "fim", "chunk", "random"), weights=phase.mix)[0]
+        task = rng.choices(TASKS[: len(phase.mix)], weights=phase.mix)[0]
         if task == "edit":
             example = maker.edit(rng, low, top)
         elif task == "random":
             example = maker.copy_random_tokens(rng, *RANDOM_TOKENS)
         elif task == "chunk":
             example = maker.copy_chunk(rng, *CHUNK_TOKENS)
+        elif task == "repetitive":
+            example = maker.repetitive(rng, low, top)
         elif task == "copy":
             example = maker.copy(rng, low, top)
         else:
@@ -302,18 +366,47 @@ def make_batch(maker: ExampleMaker, rng: random.Random, phase: Phase, batch_toke
         examples.append(example)
 
 
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs, targets and the loss mask, right-padded (causal attention never sees the padding)."""
+def collate(
+    examples: list[Example], pad_id: int, inputs_from: list[Example] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and the loss mask, right-padded (causal attention never sees the padding). The
+    inputs come from inputs_from (corrupted copies of the examples) where given."""
     width = max(len(e.token_ids) for e in examples) - 1
     inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)
     for row, example in enumerate(examples):
         ids = torch.tensor(example.token_ids)
-        inputs[row, : len(ids) - 1] = ids[:-1]
+        source = torch.tensor((inputs_from or examples)[row].token_ids)
+        inputs[row, : len(ids) - 1] = source[:-1]
         targets[row, : len(ids) - 1] = ids[1:]
         mask[row, example.answer_start - 1 : len(ids) - 1] = True
     return inputs, targets, mask
+
+
+def corrupt(examples: list[Example], rng: random.Random, rate: float) -> list[Example]:
+    """Inputs with runs of 1-3 answer tokens replaced by a token of the prompt or any token: what a model's
+    own mistake looks like to it. collate takes the targets from the clean examples, so after a wrong
+    token the model is taught to go on with the right one, found again by the longer context."""
+    noisy = []
+    for example in examples:
+        ids = list(example.token_ids)
+        prompt = ids[: example.answer_start]
+        # Never the last answer token (<|endoftext|>): it is only a target.
+        position = example.answer_start
+        while position < len(ids) - 1:
+            if rng.random() >= rate:
+                position += 1
+                continue
+            end = min(position + rng.randint(1, 3), len(ids) - 1)
+            for i in range(position, end):
+                if rng.random() < 0.5:
+                    ids[i] = rng.choice(prompt)
+                else:
+                    ids[i] = rng.randrange(len(SPECIAL_TOKENS), MODEL_SHAPE["vocab_size"])
+            position = end + 1
+        noisy.append(Example(ids, example.answer_start))
+    return noisy
 
 
 # --- model and training ------------------------------------------------------------------------------
@@ -351,8 +444,16 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def phase_at(step: int, steps: int) -> Phase:
-    return next(p for p in PHASES if step < p.until * steps or p is PHASES[-1])
+def phase_at(step: int, steps: int, polish_steps: int) -> Phase:
+    phases, step = (PHASES, step) if step < steps else (POLISH_PHASES, step - steps)
+    total = steps if phases is PHASES else polish_steps
+    return next(p for p in phases if step < p.until * total or p is phases[-1])
+
+
+def learning_rate_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.steps:
+        return learning_rate(step, args.steps, args.lr, args.warmup)
+    return learning_rate(step - args.steps, args.polish_steps, args.polish_lr, args.warmup)
 
 
 @torch.no_grad()
@@ -398,7 +499,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the finished checkpoint goes")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "kvmesh" / "train-default")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1500, help="stage 1: the curriculum of PHASES")
+    parser.add_argument(
+        "--polish-steps", type=int, default=1300, help="stage 2 after it: POLISH_PHASES, lr restarted"
+    )
+    parser.add_argument("--polish-lr", type=float, default=1e-3)
     parser.add_argument("--batch-tokens", type=int, default=6144)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=30)
@@ -445,34 +550,37 @@ def main() -> None:
     model.train()
     window_loss = window_right = window_total = 0.0
     tick = time.monotonic()
-    while step < args.steps:
+    total_steps = args.steps + args.polish_steps
+    while step < total_steps:
         rng = random.Random(f"{args.seed}:{step}")
-        phase = phase_at(step, args.steps)
-        inputs, targets, mask = collate(make_batch(maker, rng, phase, args.batch_tokens), maker.eos)
+        phase = phase_at(step, args.steps, args.polish_steps)
+        examples = make_batch(maker, rng, phase, args.batch_tokens)
+        noisy = corrupt(examples, rng, phase.noise) if phase.noise else None
+        inputs, targets, mask = collate(examples, maker.eos, noisy)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = learning_rate_at(step, args)
         loss, correct = answer_loss(model, inputs, targets, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window_loss += float(loss)
+        window_loss += float(loss.detach())
         window_right += int(correct.sum())
         window_total += correct.numel()
         if step % 25 == 0:
             elapsed = time.monotonic() - tick
             print(
-                f"step {step}/{args.steps} loss {window_loss / 25:.4f} answer-token acc "
+                f"step {step}/{total_steps} loss {window_loss / 25:.4f} answer-token acc "
                 f"{window_right / window_total:.4f} {25 / elapsed:.2f} steps/s "
                 f"[{(time.monotonic() - started) / 60:.1f} min]",
                 flush=True,
             )
             window_loss = window_right = window_total = 0.0
             tick = time.monotonic()
-        if step % args.probe_every == 0 or step == args.steps:
+        if step % args.probe_every == 0 or step == total_steps:
             print(f"step {step}: {probe(model, probe_batches)}", flush=True)
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        if step % args.checkpoint_every == 0 or step in (args.steps, total_steps):
             scratch = state_path.with_suffix(".tmp")
             torch.save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, scratch

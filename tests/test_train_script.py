@@ -1,0 +1,87 @@
+"""The default model's training data helpers (scripts/train_default_model.py) that the model card's figures
+rest on: corrupted answer inputs, repetitive copies and edits, and the two-stage schedule."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import train_default_model as train  # noqa: E402
+
+from kvmesh import default_model_path  # noqa: E402
+from kvmesh.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def maker() -> train.ExampleMaker:
+    """An ExampleMaker without a corpus: enough for the random-token tasks."""
+    tokenizer = Tokenizer.from_file(default_model_path() / "tokenizer.json")
+    maker = train.ExampleMaker.__new__(train.ExampleMaker)
+    maker.tokenizer = tokenizer
+    maker.eos = tokenizer.token_to_id(train.END_OF_TEXT)
+    return maker
+
+
+def test_corrupt_changes_only_answer_inputs_and_collate_keeps_clean_targets() -> None:
+    rng = random.Random(0)
+    examples = [train.Example(list(range(10, 10 + n)), answer_start=n // 3) for n in (40, 90, 200)]
+    noisy = train.corrupt(examples, rng, rate=0.1)
+    changed = 0
+    for clean, dirty in zip(examples, noisy, strict=True):
+        assert len(dirty.token_ids) == len(clean.token_ids)
+        assert dirty.token_ids[: clean.answer_start] == clean.token_ids[: clean.answer_start]
+        assert dirty.token_ids[-1] == clean.token_ids[-1], "the last token is only a target"
+        changed += sum(a != b for a, b in zip(clean.token_ids, dirty.token_ids, strict=True))
+    assert changed > 0
+    inputs, targets, mask = train.collate(examples, 0, noisy)
+    for row, (clean, dirty) in enumerate(zip(examples, noisy, strict=True)):
+        n = len(clean.token_ids)
+        assert inputs[row, : n - 1].tolist() == dirty.token_ids[:-1]
+        assert targets[row, : n - 1].tolist() == clean.token_ids[1:]
+        assert mask[row].nonzero().flatten().tolist() == list(range(clean.answer_start - 1, n - 1))
+
+
+def test_repetitive_examples_copy_or_apply_one_line(maker: train.ExampleMaker) -> None:
+    marker = maker.tokenizer.encode(train.MARKER + "\n")
+    copies = edits = 0
+    for seed in range(40):
+        example = maker.repetitive(random.Random(seed), 6, 20)
+        ids, start = example.token_ids, example.answer_start
+        original = ids[1 : ids.index(maker.tokenizer.token_to_id(train.EDIT_SNIPPET))]
+        snippet = ids[len(original) + 2 : start - 1]
+        answer = ids[start:-1]
+        assert ids[-1] == maker.eos
+        assert ids[start - 1] == maker.tokenizer.token_to_id(train.EDIT_OUTPUT)
+        if snippet == marker:
+            copies += 1
+            assert answer == original
+            continue
+        edits += 1
+        # The snippet's body (context lines and the new line) is a run of the answer, and the answer
+        # differs from the original in at most one line's tokens (5 phrases of up to 3 tokens, newline).
+        body = snippet[len(marker) :] if snippet[: len(marker)] == marker else snippet
+        body = body[: -len(marker)] if body[-len(marker) :] == marker else body
+        assert any(answer[i : i + len(body)] == body for i in range(len(answer) - len(body) + 1))
+        matcher = difflib.SequenceMatcher(None, original, answer, autojunk=False)
+        same = sum(block.size for block in matcher.get_matching_blocks())
+        assert len(original) - same <= 16 and len(answer) - same <= 16
+    assert copies and edits
+
+
+def test_polish_stage_restarts_the_learning_rate_after_the_curriculum() -> None:
+    args = argparse.Namespace(steps=100, polish_steps=50, lr=2e-3, polish_lr=1e-3, warmup=10)
+    assert train.phase_at(0, 100, 50) is train.PHASES[0]
+    assert train.phase_at(99, 100, 50) is train.PHASES[-1]
+    assert train.phase_at(100, 100, 50) is train.POLISH_PHASES[0]
+    # Stage 1 ends at 10% of its peak.
+    assert train.learning_rate_at(99, args) == pytest.approx(2e-4, rel=0.01)
+    assert train.learning_rate_at(100, args) == pytest.approx(1e-4)  # stage 2 warms up again
+    assert train.learning_rate_at(109, args) == pytest.approx(1e-3)
+    assert max(train.learning_rate_at(s, args) for s in range(100, 150)) == pytest.approx(1e-3)
