@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_default_model import Corpus, ExampleMaker, corpus_files  # noqa: E402
+from default_model_data import Corpus, ExampleMaker, corpus_files  # noqa: E402
 
 from kvmesh import default_model_path  # noqa: E402
 from kvmesh.edit_data import line_budget, make_edit  # noqa: E402

@@ -1,5 +1,6 @@
-"""The default model's training data helpers (scripts/train_default_model.py) that the model card's figures
-rest on: corrupted answer inputs, repetitive copies and edits, and the two-stage schedule."""
+"""The default model's training data helpers that the model card's figures rest on (scripts/
+default_model_data.py, scripts/train_default_model.py): corrupted answer inputs, repetitive copies and
+edits, and the two-stage schedule."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import default_model_data as data  # noqa: E402
 import train_default_model as train  # noqa: E402
 
 from kvmesh import default_model_path  # noqa: E402
@@ -20,18 +22,18 @@ from kvmesh.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def maker() -> train.ExampleMaker:
+def maker() -> data.ExampleMaker:
     """An ExampleMaker without a corpus: enough for the random-token tasks."""
     tokenizer = Tokenizer.from_file(default_model_path() / "tokenizer.json")
-    maker = train.ExampleMaker.__new__(train.ExampleMaker)
+    maker = data.ExampleMaker.__new__(data.ExampleMaker)
     maker.tokenizer = tokenizer
-    maker.eos = tokenizer.token_to_id(train.END_OF_TEXT)
+    maker.eos = tokenizer.token_to_id(data.END_OF_TEXT)
     return maker
 
 
 def test_corrupt_changes_only_answer_inputs_and_collate_keeps_clean_targets() -> None:
     rng = random.Random(0)
-    examples = [train.Example(list(range(10, 10 + n)), answer_start=n // 3) for n in (40, 90, 200)]
+    examples = [data.Example(list(range(10, 10 + n)), answer_start=n // 3) for n in (40, 90, 200)]
     noisy = train.corrupt(examples, rng, rate=0.1)
     changed = 0
     for clean, dirty in zip(examples, noisy, strict=True):
@@ -48,17 +50,17 @@ def test_corrupt_changes_only_answer_inputs_and_collate_keeps_clean_targets() ->
         assert mask[row].nonzero().flatten().tolist() == list(range(clean.answer_start - 1, n - 1))
 
 
-def test_repetitive_examples_copy_or_apply_one_line(maker: train.ExampleMaker) -> None:
-    marker = maker.tokenizer.encode(train.MARKER + "\n")
+def test_repetitive_examples_copy_or_apply_one_line(maker: data.ExampleMaker) -> None:
+    marker = maker.tokenizer.encode(data.MARKER + "\n")
     copies = edits = 0
     for seed in range(40):
         example = maker.repetitive(random.Random(seed), 6, 20)
         ids, start = example.token_ids, example.answer_start
-        original = ids[1 : ids.index(maker.tokenizer.token_to_id(train.EDIT_SNIPPET))]
+        original = ids[1 : ids.index(maker.tokenizer.token_to_id(data.EDIT_SNIPPET))]
         snippet = ids[len(original) + 2 : start - 1]
         answer = ids[start:-1]
         assert ids[-1] == maker.eos
-        assert ids[start - 1] == maker.tokenizer.token_to_id(train.EDIT_OUTPUT)
+        assert ids[start - 1] == maker.tokenizer.token_to_id(data.EDIT_OUTPUT)
         if snippet == marker:
             copies += 1
             assert answer == original
