@@ -171,15 +171,16 @@ def write_random_checkpoint(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    shapes = _param_shapes(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    dims = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    shapes = _param_shapes(**dims)
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in shapes:
@@ -192,14 +193,8 @@ def write_random_checkpoint(
         path,
         tensors,
         llama_config(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_key_value_heads,
+            **dims,
             max_position_embeddings=max_position_embeddings,
-            tie_word_embeddings=tie_word_embeddings,
             eos_token_id=eos_token_id,
             dtype=dtype,
             rope_theta=rope_theta,
