@@ -99,7 +99,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             waiting = False
             cursor = None
             if request.draft_token_ids:
-                cursor = DraftCursor.for_edit(list(request.draft_token_ids))
+                cursor = DraftCursor.for_edit(list(request.draft_token_ids), prompt)
             elif request.prompt_lookup:
                 cursor = DraftCursor.for_prompt_lookup(prompt)
             stream = self._loop.join(seq, cursor)

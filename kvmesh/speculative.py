@@ -1,4 +1,5 @@
-"""Speculative decoding with a given draft: the original file for edits, the prompt for prompt lookup.
+"""Speculative decoding with a given draft: the original file for edits (and, where the output leaves it,
+the prompt's snippet and the output so far), the prompt for prompt lookup.
 
 The draft is not a model's guess but a token sequence the output is likely to copy. Each step feeds a
 chunk of it after the last generated token, verifies the whole chunk in one forward pass, keeps the
@@ -56,6 +57,12 @@ class DraftCursor:
     `draft[position]` is the token expected next (`position == len(draft)`: the draft is used up). While
     not aligned, `position` is the anchor where alignment was lost; re-alignment searches near it first.
     `num_draft_tokens` stays in [1, max_draft_tokens].
+
+    With `lookup_ids` (an edit's whole prompt) the cursor has a second source for where the output leaves
+    the draft: the text an edit adds is in its snippet, not in the original. When the last match_len
+    tokens occur nowhere near the anchor, it proposes what followed their latest occurrence in
+    lookup_ids + the output so far (prompt lookup), while `lookup_position` is set; the draft's anchor is
+    kept, and the next miss goes back to looking near it first.
     """
 
     def __init__(
@@ -69,10 +76,11 @@ class DraftCursor:
         lookback: int = 16,
         num_draft_tokens: int = 8,
         max_draft_tokens: int = 32,
+        lookup_ids: Seq[int] | None = None,
     ) -> None:
         """match_len: generated tokens that must match the draft to re-align. window / lookback: how far
         forward / backward of the anchor a match counts as near (further matches are taken only when no
-        near one exists, to follow moved blocks)."""
+        near one exists, to follow moved blocks). lookup_ids: the second source (see the class)."""
         if match_len < 1 or not 1 <= num_draft_tokens <= max_draft_tokens:
             raise ValueError("need match_len >= 1 and 1 <= num_draft_tokens <= max_draft_tokens")
         if not 0 <= position <= len(draft_ids):
@@ -91,13 +99,21 @@ class DraftCursor:
         # per token rather than a scan. Grams ending on the last draft token are left out: aligning
         # there would leave nothing to propose.
         self._starts: dict[tuple[int, ...], list[int]] = {}
-        for start in range(len(self.draft) - match_len):
-            self._starts.setdefault(tuple(self.draft[start : start + match_len]), []).append(start)
+        _index_grams(self.draft, match_len, 0, self._starts)
+        self.lookup_position: int | None = None
+        self._lookup: list[int] | None = None if lookup_ids is None else list(lookup_ids)
+        self._lookup_starts: dict[tuple[int, ...], list[int]] = {}
+        self._lookup_indexed = 0
+        if self._lookup is not None:
+            self._lookup_indexed = _index_grams(self._lookup, match_len, 0, self._lookup_starts)
 
     @classmethod
-    def for_edit(cls, original_ids: Seq[int], **options: int) -> DraftCursor:
-        """An edit's output starts where the original starts."""
-        return cls(original_ids, position=0, aligned=True, **options)
+    def for_edit(
+        cls, original_ids: Seq[int], prompt_ids: Seq[int] | None = None, **options: int
+    ) -> DraftCursor:
+        """An edit's output starts where the original starts. With prompt_ids (the whole prompt, which
+        holds the snippet) the cursor also drafts new code from the snippet and the output so far."""
+        return cls(original_ids, position=0, aligned=True, lookup_ids=prompt_ids, **options)
 
     @classmethod
     def for_prompt_lookup(cls, prompt_ids: Seq[int], **options: int) -> DraftCursor:
@@ -110,7 +126,12 @@ class DraftCursor:
     def propose(self, k: int) -> list[int]:
         """The next k draft tokens (fewer at the draft's end; none while not aligned). The caller then
         reports what was kept with `advance`."""
-        proposal = self.draft[self.position : self.position + k] if self.aligned else []
+        if self.aligned:
+            proposal = self.draft[self.position : self.position + k]
+        elif self.lookup_position is not None and self._lookup is not None:
+            proposal = self._lookup[self.lookup_position : self.lookup_position + k]
+        else:
+            proposal = []
         self._num_proposed = len(proposal)
         return proposal
 
@@ -123,24 +144,31 @@ class DraftCursor:
                 self.num_draft_tokens = min(2 * self.num_draft_tokens, self.max_draft_tokens)
             else:
                 self.num_draft_tokens = max(1, self.num_draft_tokens // 2)
-        if not self.aligned:
-            return
-        self.position += len(accepted)
-        if self.position < len(self.draft) and self.draft[self.position] == bonus:
-            self.position += 1
-        else:
-            self.aligned = False
+        if self.aligned:
+            self.position += len(accepted)
+            if self.position < len(self.draft) and self.draft[self.position] == bonus:
+                self.position += 1
+            else:
+                self.aligned = False
+        elif self.lookup_position is not None and self._lookup is not None:
+            at = self.lookup_position + len(accepted)
+            # At the lookup's end (the output so far) there is nothing left to follow.
+            self.lookup_position = at + 1 if at < len(self._lookup) and self._lookup[at] == bonus else None
+        if self._lookup is not None:
+            self._lookup += [*accepted, bonus]
+            self._lookup_indexed = _index_grams(
+                self._lookup, self.match_len, self._lookup_indexed, self._lookup_starts
+            )
 
     def observe(self, generated_tail: Seq[int]) -> bool:
         """While not aligned: re-align just after an occurrence of the last match_len generated tokens in
         the draft, preferring the nearest one ahead of the anchor within `window`, then the nearest
         behind it within `lookback`, then the nearest anywhere (ahead first). Returns `aligned`."""
         m = self.match_len
-        if self.aligned or len(generated_tail) < m:
-            return self.aligned
-        starts = self._starts.get(tuple(generated_tail[-m:]))
-        if not starts:
-            return False
+        if self.aligned or self.lookup_position is not None or len(generated_tail) < m:
+            return self.aligned or self.lookup_position is not None
+        gram = tuple(generated_tail[-m:])
+        starts = self._starts.get(gram, [])
         # Candidates are re-alignment points start + m; `i` splits them at the anchor.
         i = bisect_left(starts, self.position - m)
         ahead = starts[i] + m if i < len(starts) else None
@@ -149,10 +177,24 @@ class DraftCursor:
             self.position = ahead
         elif behind is not None and self.position - behind <= self.lookback:
             self.position = behind
-        else:
+        elif gram in self._lookup_starts:
+            self.lookup_position = self._lookup_starts[gram][-1] + m
+            return True
+        elif starts:
             self.position = ahead if ahead is not None else starts[-1] + m
+        else:
+            return False
         self.aligned = True
         return True
+
+
+def _index_grams(ids: list[int], m: int, first: int, starts: dict[tuple[int, ...], list[int]]) -> int:
+    """Add to `starts` where each m-gram of ids begins, from position `first` on, in ascending order;
+    returns the position to go on from once ids grows. A gram ending on the last token is left out:
+    aligning there would leave nothing to propose."""
+    for start in range(first, len(ids) - m):
+        starts.setdefault(tuple(ids[start : start + m]), []).append(start)
+    return max(first, len(ids) - m)
 
 
 def speculative_step(engine: Engine, batch: Seq[tuple[Sequence, DraftCursor | None]]) -> list[list[int]]:
@@ -257,7 +299,10 @@ def generate_speculative_batch(
     """`Engine.generate_batch` with a draft per prompt: each is prefilled alone (its first token plain),
     then all decode together, one `speculative_step` per forward pass. Blocks are freed on every exit."""
     params = SamplingParams.from_options(max_new_tokens, **options)
-    cursors = [d if isinstance(d, DraftCursor) else DraftCursor.for_edit(d) for d in drafts]
+    cursors = [
+        d if isinstance(d, DraftCursor) else DraftCursor.for_edit(d, prompt)
+        for d, prompt in zip(drafts, prompts, strict=True)
+    ]
     seqs = [engine.add_sequence(prompt, params) for prompt in prompts]
     try:
         if max_new_tokens == 0:

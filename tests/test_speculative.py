@@ -358,13 +358,16 @@ def test_prompt_lookup_aligns_where_the_prompt_repeats_its_tail():
 
 
 @settings(max_examples=50, deadline=None)
-@given(seed=st.integers(0, 999), edits=edit_lists)
-def test_cursor_stays_consistent_with_an_oracle_model(seed, edits):
+@given(seed=st.integers(0, 999), edits=edit_lists, snippet_edits=edit_lists, with_lookup=st.booleans())
+def test_cursor_stays_consistent_with_an_oracle_model(seed, edits, snippet_edits, with_lookup):
     """Without an engine: the "model" writes `output`; a step keeps the proposal's agreeing prefix plus the
-    next output token. Invariant: aligned means the output so far ends just before `position`."""
+    next output token. Invariants: aligned means the output so far ends just before `position`; with a
+    prompt to look up in (the original, then a snippet), a lookup proposal continues text that ends the
+    way the output so far ends."""
     draft = random_ids(60, vocab_size=30, seed=seed)
     output = edited(draft, edits)
-    cursor = DraftCursor.for_edit(draft)
+    prompt = [*draft, *edited(output, snippet_edits)] if with_lookup else None
+    cursor = DraftCursor.for_edit(draft, prompt)
     done = 0
     while done < len(output):
         proposal = cursor.propose(cursor.num_draft_tokens)
@@ -378,4 +381,55 @@ def test_cursor_stays_consistent_with_an_oracle_model(seed, edits):
         cursor.observe(output[:done])
         if cursor.aligned and cursor.position:
             assert output[done - 1] == draft[cursor.position - 1]
+        elif cursor.lookup_position is not None:
+            assert prompt is not None
+            m, at = cursor.match_len, cursor.lookup_position
+            assert (prompt + output[:done])[at - m : at] == output[done - m : done]
         assert 1 <= cursor.num_draft_tokens <= cursor.max_draft_tokens
+
+
+def test_where_the_output_leaves_the_original_the_cursor_drafts_from_the_snippet():
+    original = list(range(100, 160))
+    new_code = [7, 8, 9, 10, 11, 12, 13, 14]
+    updated = original[:20] + new_code + original[20:]
+    snippet = original[16:20] + new_code + original[20:24]
+    prompt = [1, *original, 2, *snippet, 3]
+    cursor = DraftCursor.for_edit(original, prompt, window=32, lookback=16)
+    cursor.advance([], updated[0])
+    cursor.propose(19)
+    cursor.advance(updated[1:20], updated[20])  # the model starts the new code
+    assert not cursor.aligned and cursor.lookup_position is None and cursor.propose(4) == []
+    # [118, 119, 7] is nowhere in the original: the rest of the new code comes from the snippet.
+    assert cursor.observe(updated[:21]) and not cursor.aligned
+    assert cursor.propose(4) == [8, 9, 10, 11]
+    cursor.advance([8, 9, 10, 11], 12)
+    assert cursor.propose(7) == [13, 14, *original[20:24], 3]  # the snippet goes on, to its end
+    cursor.advance([13, 14, *original[20:24]], original[24])  # the model goes on past the snippet
+    assert cursor.lookup_position is None
+    cursor.observe(updated[: 20 + len(new_code) + 5])
+    assert cursor.aligned and cursor.propose(3) == original[25:28]  # back in the original, near the anchor
+
+
+def test_near_original_matches_win_over_lookup_and_lookup_over_far_ones():
+    block = [7, 8, 9]
+    draft = [1] * 5 + block + [2] * 100 + block + [4] * 30
+    prompt = [*draft, 5, *block, 6, 6]
+    cursor = DraftCursor(draft, position=100, aligned=False, window=32, lookback=16, lookup_ids=prompt)
+    assert cursor.observe(block) and cursor.position == 111 and cursor.aligned  # 8 ahead: near
+    cursor = DraftCursor(draft, position=40, aligned=False, window=32, lookback=16, lookup_ids=prompt)
+    assert cursor.observe(block) and not cursor.aligned and cursor.position == 40
+    assert cursor.propose(3) == [6, 6]  # the latest occurrence, in the prompt's last part
+
+
+def test_the_output_so_far_is_a_source_too():
+    original = list(range(100, 140))
+    cursor = DraftCursor.for_edit(original, [1, *original, 2])
+    cursor.advance([], 100)
+    loop = [5, 6, 7, 8, 9]
+    output = [100]
+    for token in loop * 2:  # the model leaves the original and repeats itself
+        cursor.propose(cursor.num_draft_tokens)
+        cursor.advance([], token)
+        output.append(token)
+        cursor.observe(output)
+    assert cursor.propose(3) == loop[:3]
