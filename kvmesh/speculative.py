@@ -37,6 +37,9 @@ from kvmesh.kv_cache import OutOfBlocks
 from kvmesh.sampling import SamplingParams, sample_token
 from kvmesh.sequence import Sequence
 
+MAX_CONTEXT = 32
+"""How far back DraftCursor compares the output with its two sources' matches to choose one."""
+
 
 @dataclass
 class SpecStats:
@@ -60,9 +63,10 @@ class DraftCursor:
 
     With `lookup_ids` (an edit's whole prompt) the cursor has a second source for where the output leaves
     the draft: the text an edit adds is in its snippet, not in the original. When the last match_len
-    tokens occur nowhere near the anchor, it proposes what followed their latest occurrence in
-    lookup_ids + the output so far (prompt lookup), while `lookup_position` is set; the draft's anchor is
-    kept, and the next miss goes back to looking near it first.
+    tokens occur nowhere near the anchor, or their latest occurrence in lookup_ids + the output so far
+    agrees with more of the output before them (see `observe`), it proposes what followed that occurrence
+    (prompt lookup), while `lookup_position` is set; the draft's anchor is kept, and the next miss goes
+    back to looking near it first.
     """
 
     def __init__(
@@ -160,10 +164,18 @@ class DraftCursor:
                 self._lookup, self.match_len, self._lookup_indexed, self._lookup_starts
             )
 
+    @property
+    def tail_len(self) -> int:
+        """How many of the latest tokens `observe` wants to see."""
+        return self.match_len + MAX_CONTEXT
+
     def observe(self, generated_tail: Seq[int]) -> bool:
-        """While not aligned: re-align just after an occurrence of the last match_len generated tokens in
-        the draft, preferring the nearest one ahead of the anchor within `window`, then the nearest
-        behind it within `lookback`, then the nearest anywhere (ahead first). Returns `aligned`."""
+        """While not aligned: re-align just after an occurrence of the last match_len generated tokens.
+        In the draft the nearest one ahead of the anchor within `window` is preferred, then the nearest
+        behind it within `lookback`, then the nearest anywhere (ahead first). With a lookup, the latest
+        occurrence there comes after a near draft match and before a far one, unless more of the tokens
+        before it agree with the output (up to MAX_CONTEXT): an output that repeats its own last lines,
+        or goes on with a snippet's changed line, is followed there. Returns whether a source is set."""
         m = self.match_len
         if self.aligned or self.lookup_position is not None or len(generated_tail) < m:
             return self.aligned or self.lookup_position is not None
@@ -173,19 +185,37 @@ class DraftCursor:
         i = bisect_left(starts, self.position - m)
         ahead = starts[i] + m if i < len(starts) else None
         behind = starts[i - 1] + m if i > 0 else None
+        near = None
         if ahead is not None and ahead - self.position <= self.window:
-            self.position = ahead
+            near = ahead
         elif behind is not None and self.position - behind <= self.lookback:
-            self.position = behind
-        elif gram in self._lookup_starts:
-            self.lookup_position = self._lookup_starts[gram][-1] + m
-            return True
+            near = behind
+        lookup_starts = self._lookup_starts.get(gram)
+        if self._lookup is not None and lookup_starts:
+            looked_up = lookup_starts[-1] + m
+            if near is None or _context(self._lookup, looked_up, generated_tail, m) > _context(
+                self.draft, near, generated_tail, m
+            ):
+                self.lookup_position = looked_up
+                return True
+        if near is not None:
+            self.position = near
         elif starts:
             self.position = ahead if ahead is not None else starts[-1] + m
         else:
             return False
         self.aligned = True
         return True
+
+
+def _context(source: list[int], at: int, tail: Seq[int], m: int) -> int:
+    """How many tokens before the match_len-gram that ends at source[at - 1] also agree with the tokens
+    before tail's last m, up to MAX_CONTEXT."""
+    n = 0
+    limit = min(MAX_CONTEXT, at - m, len(tail) - m)
+    while n < limit and source[at - m - 1 - n] == tail[len(tail) - m - 1 - n]:
+        n += 1
+    return n
 
 
 def _index_grams(ids: list[int], m: int, first: int, starts: dict[tuple[int, ...], list[int]]) -> int:
@@ -240,7 +270,7 @@ def speculative_step(engine: Engine, batch: Seq[tuple[Sequence, DraftCursor | No
             cursor.stats.forward_passes += 1
             if bonus is not None:
                 cursor.advance(draft[:num_accepted], bonus)
-                cursor.observe(seq.token_ids[-cursor.match_len :])
+                cursor.observe(seq.token_ids[-cursor.tail_len :])
         new_tokens.append(seq.token_ids[base:])
     return new_tokens
 
@@ -314,7 +344,7 @@ def generate_speculative_batch(
             token = engine.sample([seq], [engine.prefill(seq)])[0]
             if engine.append_token(seq, token) is None:
                 cursor.advance([], token)
-                cursor.observe(seq.token_ids[-cursor.match_len :])
+                cursor.observe(seq.token_ids[-cursor.tail_len :])
                 running.append((seq, cursor))
         while running:
             speculative_step(engine, running)

@@ -357,6 +357,23 @@ def test_prompt_lookup_aligns_where_the_prompt_repeats_its_tail():
     assert not DraftCursor.for_prompt_lookup([1, 2, 3, 4]).aligned
 
 
+def _follow(cursor: DraftCursor, output: list[int]):
+    """Drive cursor without an engine: the "model" writes `output`; a step keeps the proposal's agreeing
+    prefix plus the next output token. Yields how many output tokens are done after each step."""
+    done = 0
+    while done < len(output):
+        proposal = cursor.propose(cursor.num_draft_tokens)
+        kept = 0
+        while kept < len(proposal) and done + kept < len(output) and proposal[kept] == output[done + kept]:
+            kept += 1
+        if done + kept == len(output):
+            return
+        cursor.advance(proposal[:kept], output[done + kept])
+        done += kept + 1
+        cursor.observe(output[:done])
+        yield done
+
+
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 999), edits=edit_lists, snippet_edits=edit_lists, with_lookup=st.booleans())
 def test_cursor_stays_consistent_with_an_oracle_model(seed, edits, snippet_edits, with_lookup):
@@ -368,17 +385,7 @@ def test_cursor_stays_consistent_with_an_oracle_model(seed, edits, snippet_edits
     output = edited(draft, edits)
     prompt = [*draft, *edited(output, snippet_edits)] if with_lookup else None
     cursor = DraftCursor.for_edit(draft, prompt)
-    done = 0
-    while done < len(output):
-        proposal = cursor.propose(cursor.num_draft_tokens)
-        kept = 0
-        while kept < len(proposal) and done + kept < len(output) and proposal[kept] == output[done + kept]:
-            kept += 1
-        if done + kept == len(output):
-            break
-        cursor.advance(proposal[:kept], output[done + kept])
-        done += kept + 1
-        cursor.observe(output[:done])
+    for done in _follow(cursor, output):
         if cursor.aligned and cursor.position:
             assert output[done - 1] == draft[cursor.position - 1]
         elif cursor.lookup_position is not None:
@@ -433,3 +440,22 @@ def test_the_output_so_far_is_a_source_too():
         output.append(token)
         cursor.observe(output)
     assert cursor.propose(3) == loop[:3]
+
+
+@pytest.mark.parametrize("looping", [True, False])
+def test_an_output_that_repeats_itself_is_followed_there_rather_than_in_the_original(looping):
+    original = list(range(100, 140))
+    own_line = [7, 8] if looping else [9, 9]
+    # The output left the original at 110 and wrote 7 8 105 106 107, then `own_line` 105 106 107.
+    output = [*original[:10], 7, 8, *original[5:8], *own_line, *original[5:8]]
+    cursor = DraftCursor(
+        original, position=10, aligned=False, window=32, lookback=16, lookup_ids=[1, *original, 2, *output]
+    )
+    assert cursor.observe(output)
+    # 105 106 107 is also just behind where the output left the original. Looping, the output's own
+    # earlier 105 106 107 agrees with more of what came before it (7 8), so the loop is what gets
+    # proposed; otherwise the original, near its anchor, wins.
+    if looping:
+        assert not cursor.aligned and cursor.propose(2) == [7, 8]
+    else:
+        assert cursor.aligned and cursor.position == 8 and cursor.propose(2) == [108, 109]
