@@ -7,6 +7,7 @@ import contextlib
 import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -147,8 +148,7 @@ def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, trans
     rng = random.Random(7)
     with MeshInThread(spec) as mesh:
         stream(mesh.gateway_address, prefix=prefix, suffix=SUFFIX, max_tokens=2)  # warm channels
-        baseline_tasks = mesh.run(_num_tasks())
-        baseline_names = mesh.run(_task_names())
+        baseline = Counter(mesh.run(_task_names()))
         before = _settled(mesh)
         with Client(mesh.gateway_address) as client:
             stub = client._stub
@@ -172,28 +172,28 @@ def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, trans
                 if i % 10 == 9:
                     for t in threads[i - 9 : i + 1]:
                         t.join()
-        after = _settled(mesh, timeout_s=15)
+        # Eventually (blocks of cancelled shm transfers sit out a short quarantine, and a loaded machine
+        # is slow) every block is free and every task the storm started has ended. A leak never gets
+        # there, so the generous wait costs time only on failure.
+        after = _settled(mesh, timeout_s=60)
         assert after == before
-        # Blocks of cancelled shm transfers sit out a short quarantine; by now every task has ended.
-        deadline = time.monotonic() + 10
-        while mesh.run(_num_tasks()) > baseline_tasks and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while (extra := Counter(mesh.run(_task_names())) - baseline) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert mesh.run(_num_tasks()) <= baseline_tasks, sorted(
-            set(mesh.run(_task_names())) - set(baseline_names)
-        )
+        assert not extra, f"tasks left running: {extra}"
         # The mesh still answers exactly after the storm.
         tokens, _, _ = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=8)
         assert len(tokens) == 8
 
 
 async def _task_names() -> list[str]:
+    """What each other task runs (its coroutine's qualified name, no address), to compare before and after."""
     await asyncio.sleep(0)
-    return [repr(t.get_coro()) for t in asyncio.all_tasks()]
-
-
-async def _num_tasks() -> int:
-    await asyncio.sleep(0)
-    return len(asyncio.all_tasks()) - 1
+    return [
+        getattr(t.get_coro(), "__qualname__", type(t.get_coro()).__name__)
+        for t in asyncio.all_tasks()
+        if t is not asyncio.current_task()
+    ]
 
 
 def test_a_full_decode_pool_answers_resource_exhausted(model_path):
