@@ -128,8 +128,8 @@ class DraftCursor:
         return cursor
 
     def propose(self, k: int) -> list[int]:
-        """The next k draft tokens (fewer at the draft's end; none while not aligned). The caller then
-        reports what was kept with `advance`."""
+        """The next k draft tokens, or lookup tokens while `lookup_position` is set (fewer at the source's
+        end; none while neither). The caller then reports what was kept with `advance`."""
         if self.aligned:
             proposal = self.draft[self.position : self.position + k]
         elif self.lookup_position is not None and self._lookup is not None:
