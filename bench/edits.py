@@ -235,18 +235,18 @@ def describe_mismatch(engine: Engine, prompt: list[int], greedy: list[int], othe
     return f"first differs at token {i}/{len(greedy)} ({greedy[i]} vs {other[i]}), logit margin {margin:.2e}: {verdict}"
 
 
-def draft_cursor(case: EditCase, engine: Engine, layout: PromptLayout) -> DraftCursor:
-    """(b)'s cursor: the draft's tokens, and the edit prompt of the draft's text to look up in (the
-    case's own prompt, unless the draft is unrelated)."""
-    lookup_prompt = layout.edit(case.draft, case.snippet).token_ids
-    return DraftCursor.for_edit(engine.tokenizer.encode(case.draft), lookup_prompt)
+def draft_sources(case: EditCase, engine: Engine, layout: PromptLayout) -> tuple[list[int], list[int]]:
+    """(b)'s draft (the draft text's tokens) and what its cursor looks up in: the edit prompt of the draft's
+    text (the case's own prompt, unless the draft is unrelated). Tokenized once, outside the timing."""
+    return engine.tokenizer.encode(case.draft), layout.edit(case.draft, case.snippet).token_ids
 
 
 def warm_up(case: EditCase, engine: Engine, layout: PromptLayout, lookup: PromptLookup) -> None:
     """Each decoder once over a case's prompt (a full prefill, a few decode steps)."""
     prompt = layout.edit(case.original, case.snippet).token_ids
     engine.generate(prompt, 32, ignore_eos=True)
-    generate_speculative(engine, prompt, draft_cursor(case, engine, layout), 32, ignore_eos=True)
+    draft, lookup_ids = draft_sources(case, engine, layout)
+    generate_speculative(engine, prompt, DraftCursor.for_edit(draft, lookup_ids), 32, ignore_eos=True)
     lookup.generate(prompt, 32)
 
 
@@ -259,11 +259,12 @@ def run_case(
 ) -> CaseResult:
     prompt = layout.edit(case.original, case.snippet)
     expected = engine.tokenizer.encode(case.updated)
+    draft, lookup_ids = draft_sources(case, engine, layout)
     n = len(expected) + EXTRA_TOKENS
     runs: dict[str, Callable[[], object]] = {
         "a": lambda: engine.generate(prompt.token_ids, n, ignore_eos=True),
         "b": lambda: generate_speculative(
-            engine, prompt.token_ids, draft_cursor(case, engine, layout), n, ignore_eos=True
+            engine, prompt.token_ids, DraftCursor.for_edit(draft, lookup_ids), n, ignore_eos=True
         ),
         "c": lambda: lookup.generate(prompt.token_ids, n),
     }
