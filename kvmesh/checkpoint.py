@@ -48,12 +48,13 @@ _SKIPPED_STDLIB_DIRS = frozenset(
 )
 
 
-def stdlib_corpus_files(limit: int) -> list[Path]:
-    """The first `limit` Python files of the running interpreter's standard library, in sorted order.
+def stdlib_corpus_files(limit: int, stdlib: Path | None = None) -> list[Path]:
+    """The first `limit` Python files of the running interpreter's standard library (or of the copy of
+    one at `stdlib`), in sorted order.
 
     Test suites and installed packages are left out. Deterministic for a given Python build.
     """
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = stdlib or Path(sysconfig.get_paths()["stdlib"])
     if not stdlib.is_dir():
         raise FileNotFoundError(f"standard library folder {stdlib} not found")
     files = (

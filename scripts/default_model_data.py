@@ -39,9 +39,10 @@ def is_held_out(relative_path: str) -> bool:
     return int.from_bytes(digest[:8], "big") % HELD_OUT_MODULUS == 0
 
 
-def corpus_files(held_out: bool) -> list[Path]:
-    """The standard library's Python files (tests left out) on one side of the split, sorted."""
-    files = stdlib_corpus_files(limit=1_000_000)
+def corpus_files(held_out: bool, stdlib: Path | None = None) -> list[Path]:
+    """The standard library's Python files (tests left out) on one side of the split, sorted: the running
+    interpreter's, or those of the copy of one at `stdlib`."""
+    files = stdlib_corpus_files(limit=1_000_000, stdlib=stdlib)
     root = Path(os.path.commonpath([str(f) for f in files]))
     return [f for f in files if is_held_out(f.relative_to(root).as_posix()) == held_out]
 

@@ -146,11 +146,12 @@ def main() -> None:
     maker = ExampleMaker(Corpus(corpus_files(held_out=True)), engine.tokenizer)
     print(f"model: {model_path}; held-out corpus: {len(maker.corpus.files)} files")
 
-    loss = completion_loss(model_path, maker, random.Random(f"{args.seed}:fim"), args.completions)
-    print(
-        f"completion loss (held-out FIM middles, {args.completions} prompts): {loss:.3f} nats/token "
-        f"(perplexity {math.exp(loss):.2f})"
-    )
+    if args.completions:
+        loss = completion_loss(model_path, maker, random.Random(f"{args.seed}:fim"), args.completions)
+        print(
+            f"completion loss (held-out FIM middles, {args.completions} prompts): {loss:.3f} nats/token "
+            f"(perplexity {math.exp(loss):.2f})"
+        )
     print(
         "| files | cases | mean lines | mean output tokens | exact | copied (output) | copied (expected) "
         "| tokens/forward pass | by kind (exact) |"
@@ -160,6 +161,8 @@ def main() -> None:
         ("<= 40 lines", args.cases, 10, 40),
         ("41-80 lines", args.long_cases, 41, 80),
     ):
+        if not count:
+            continue
         cases = edit_cases(maker, random.Random(f"{args.seed}:{label}"), count, low, high)
         f = evaluate_edits(engine, maker, cases, label)
         print(

@@ -1,16 +1,18 @@
 """The default model's training data helpers that the model card's figures rest on (scripts/
 default_model_data.py, scripts/train_default_model.py): corrupted answer inputs, repetitive copies and
-edits, and the two-stage schedule."""
+edits, the two-stage schedule, the recipes, and the batches made ahead in DataLoader workers."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import random
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -87,3 +89,47 @@ def test_polish_stage_restarts_the_learning_rate_after_the_curriculum() -> None:
     assert train.learning_rate_at(100, args) == pytest.approx(1e-4)  # stage 2 warms up again
     assert train.learning_rate_at(109, args) == pytest.approx(1e-3)
     assert max(train.learning_rate_at(s, args) for s in range(100, 150)) == pytest.approx(1e-3)
+
+
+def test_recipes_fill_what_the_command_line_leaves_out() -> None:
+    cpu = train.parse_args(["--recipe", "cpu", "--device", "cpu"])
+    assert (cpu.layers, cpu.steps, cpu.polish_steps, cpu.batch_tokens, cpu.workers) == (
+        4,
+        1500,
+        1300,
+        6144,
+        0,
+    )
+    gpu = train.parse_args(["--recipe", "gpu", "--steps", "7", "--device", "cuda"])
+    assert (gpu.layers, gpu.steps, gpu.polish_steps, gpu.batch_tokens) == (6, 7, 8130, 24576)
+    assert gpu.workers >= 0
+    # The shipped checkpoint is what the gpu recipe trains.
+    config = json.loads((default_model_path() / "config.json").read_text())
+    assert config["num_hidden_layers"] == train.RECIPES["gpu"]["layers"]
+
+
+def test_collate_pads_to_a_multiple_and_masks_the_padding() -> None:
+    examples = [data.Example(list(range(10, 10 + n)), answer_start=3) for n in (5, 70)]
+    plain = train.collate(examples, 0)
+    padded = train.collate(examples, 0, pad_to=64)
+    assert plain[0].shape == (2, 69) and padded[0].shape == (2, 128)
+    for a, b in zip(plain, padded, strict=True):
+        assert b[:, :69].equal(a)
+    assert not padded[2][:, 69:].any()
+
+
+def test_step_batches_depend_on_the_step_alone_in_workers_too() -> None:
+    """What makes resuming and DataLoader workers safe: step n's batch is the same made in any process,
+    in any order."""
+    tokenizer = Tokenizer.from_file(default_model_path() / "tokenizer.json")
+    maker = data.ExampleMaker(data.Corpus(data.corpus_files(held_out=False)[:30]), tokenizer)
+    args = train.parse_args(["--recipe", "cpu", "--device", "cpu", "--steps", "40", "--polish-steps", "10"])
+    batches = train.StepBatches(maker, args)
+    steps = [45, 3, 44, 20]
+    alone = [batches[step] for step in steps]
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=steps, num_workers=2, multiprocessing_context="fork"
+    )
+    for mine, theirs in zip(alone, loader, strict=True):
+        assert all(a.equal(b) for a, b in zip(mine, theirs, strict=True))
+    assert not alone[0][0].equal(alone[2][0]) or not alone[0][2].equal(alone[2][2])
