@@ -2,8 +2,8 @@
 
     python bench/edits.py [--model PATH] [--cases 12] [--quick] [--threads 1] [--repeats 3] [--seed 0]
 
-Edit cases are built from real source files of this interpreter's standard library and site-packages:
-files of 20-120 lines, picked with a seeded shuffle (the same files for a given seed and set of installed
+Edit cases are built from real source files of this interpreter's standard library (only the files the
+default model's training holds out) and site-packages: files of 20-120 lines, picked with a seeded shuffle (the same files for a given seed and set of installed
 packages). Each gets one synthetic edit touching 1-10% of its lines, by kind in turn: a local identifier
 renamed throughout its function, changed literal(s), inserted line(s), deleted line(s), a new function
 body. The update snippet is fast-apply style: the changed region with two lines of context, and
@@ -56,6 +56,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from default_model_data import is_held_out  # noqa: E402
 
 from bench.engine import cpu_model_name  # noqa: E402
 from gateway.layout import PromptLayout  # noqa: E402
@@ -92,7 +95,8 @@ class EditCase:
 
 
 def candidate_files(seed: int) -> Iterator[tuple[str, Path]]:
-    """(label, path) of .py files from the stdlib and site-packages, shuffled with seed, alternating."""
+    """(label, path) of .py files from the stdlib and site-packages, shuffled with seed, alternating. Of
+    the stdlib, only the files the default model was not trained on (those its training holds out)."""
     pools = []
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     purelib = Path(sysconfig.get_paths()["purelib"])
@@ -102,6 +106,7 @@ def candidate_files(seed: int) -> Iterator[tuple[str, Path]]:
             for path in root.rglob("*.py")
             if not SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])
             and "site-packages" not in path.relative_to(root).parts
+            and (prefix != "stdlib" or is_held_out(path.relative_to(root).as_posix()))
         )
         random.Random(f"{seed}:{prefix}").shuffle(files)
         pools.append([(f"{prefix}/{rel}", root / rel) for rel in files])
@@ -159,11 +164,13 @@ def build_cases(num_cases: int, seed: int) -> list[EditCase]:
 class PromptLookup:
     """transformers' prompt lookup decoding on the same checkpoint, greedy, eos off."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: str) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        self.model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = (
+            transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+        )
         # Like ignore_eos=True: always the full length, and eos stays a token it may pick (min_new_tokens
         # with an eos id would mask it, which our ignore_eos does not).
         self.model.generation_config.eos_token_id = None
@@ -175,7 +182,7 @@ class PromptLookup:
         self.num_forward_passes += 1
 
     def generate(self, prompt: list[int], num_new_tokens: int) -> list[int]:
-        input_ids = torch.tensor([prompt])
+        input_ids = torch.tensor([prompt], device=self.model.device)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
@@ -342,6 +349,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, for comparability)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median)")
     parser.add_argument("--seed", type=int, default=0, help="picks the files and the edits")
+    parser.add_argument("--device", default="cpu", help='torch device for all three decoders ("cuda")')
     args = parser.parse_args()
     num_cases = 3 if args.quick else args.cases
     num_repeats = 1 if args.quick else args.repeats
@@ -349,9 +357,11 @@ def main() -> None:
     model_path = args.model or default_model_path()
 
     cases = build_cases(num_cases, args.seed)
-    engine = Engine.from_pretrained(model_path, dtype="float32", enable_prefix_caching=False)
+    engine = Engine.from_pretrained(
+        model_path, dtype="float32", device=args.device, enable_prefix_caching=False
+    )
     layout = PromptLayout(engine.tokenizer)
-    lookup = PromptLookup(Path(model_path))
+    lookup = PromptLookup(Path(model_path), args.device)
 
     print("warm-up ...", file=sys.stderr)
     warm_up(cases[0], engine, layout, lookup)
@@ -388,13 +398,17 @@ def report(
     command = f"python bench/edits.py{' --quick' if args.quick else f' --cases {num_cases}'}"
     command += f" --threads {args.threads} --repeats {num_repeats} --seed {args.seed}"
     command += f" --model {args.model}" if args.model else ""
+    command += f" --device {args.device}" if args.device != "cpu" else ""
+    machine = f"{cpu_model_name()}, {os.cpu_count()} cores"
+    if args.device != "cpu":
+        machine = f"{torch.cuda.get_device_name(args.device)} (host: {machine})"
     mc = engine.config
     shipped_default = Path(model_path).resolve() == default_model_path().resolve()
     edits = [r for r in results if not r.case.unrelated]
     out = [
-        "## Speculative edits (CPU, float32)",
+        f"## Speculative edits ({'CPU' if args.device == 'cpu' else 'GPU'}, float32)",
         "",
-        f"- Machine: {cpu_model_name()}, {os.cpu_count()} cores; torch {torch.__version__} "
+        f"- Machine: {machine}; torch {torch.__version__} "
         f"({args.threads} threads), transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- Command: `{command}`",
         f"- Model: {model_path}{' (the shipped default model)' if shipped_default else ''}: "
