@@ -60,7 +60,7 @@ DEMO_SNIPPET = """def mean(values):
         raise ValueError("mean of no values")
     total = 0
     for value in values:
-    # ... existing code ...
+        # ... existing code ...
 """
 
 
