@@ -6,11 +6,14 @@ Tests talk to them through real channels, as a client would; the harness only st
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+
+import pytest
 
 from cache_store.registry import WorkerLoad
 from cache_store.server import CacheStoreConfig
@@ -39,6 +42,8 @@ class MeshSpec:
     enable_prefix_caching: bool = True
     gateway: dict[str, Any] = field(default_factory=dict)
     """Extra GatewayConfig fields."""
+    device: str = field(default_factory=lambda: os.environ.get("KVMESH_TEST_DEVICE", "cpu"))
+    """The workers' torch device: KVMESH_TEST_DEVICE=cuda runs the mesh tests on a GPU."""
 
 
 class MeshInThread:
@@ -53,6 +58,14 @@ class MeshInThread:
         return future.result(timeout_s)
 
     def __enter__(self) -> MeshInThread:
+        if self.spec.device != "cpu":
+            # The shm transport needs the KV pool in host memory; a GPU worker offers only grpc.
+            if self.spec.gateway.get("transport") == "shm":
+                pytest.skip(
+                    f"the shm transport needs a host KV pool; this mesh's workers run on {self.spec.device}"
+                )
+            transports = tuple(t for t in self.spec.worker_transports if t != "shm")
+            self.spec = replace(self.spec, worker_transports=transports)
         self._thread.start()
         self.run(self._start())
         return self
@@ -76,6 +89,7 @@ class MeshInThread:
             num_blocks=spec.num_blocks,
             block_size=spec.block_size,
             enable_prefix_caching=spec.enable_prefix_caching,
+            device=spec.device,
         )
         registration = RegistrationSettings(
             cache_store_address=self.servers["cache-store"].address, transports=spec.worker_transports
