@@ -7,8 +7,9 @@ Edit cases are built from real source files of this interpreter's standard libra
 default model's training holds out) and site-packages: files of 20-120 lines, picked with a seeded
 shuffle (the same files for a given seed and set of installed packages). Each gets one synthetic edit
 touching 1-10% of its lines, by kind in turn: a local identifier renamed throughout its function, changed
-literal(s), inserted line(s), deleted line(s), a new function body. The update snippet is fast-apply style: the changed region with two lines of context, and
-"# ... existing code ..." markers for what is left out. The prompt is `PromptLayout.edit(original,
+literal(s), inserted line(s), deleted line(s), a new function body. The update snippet is fast-apply
+style: the changed region with two lines of context, and "# ... existing code ..." markers for what is
+left out. The prompt is `PromptLayout.edit(original,
 snippet)`; the expected output is the updated file. One more case has an UNRELATED draft: a real edit's
 prompt, speculated from another file's tokens (and looking up in that file's edit prompt instead of the
 real one), to measure what a draft that never matches costs.
