@@ -180,6 +180,9 @@ class DecodeLoop:
             if stream.first_token_at is None:
                 stream.first_token_at = now
             reason = self.engine.append_token(stream.seq, token)
+            if reason is None and stream.cursor is not None:
+                # A plain step gives a cursor's stream only its first token, after its own prefill.
+                stream.cursor.record([], token, stream.seq.token_ids)
             stream.events.put_nowait(TokenEvent(token, reason))
             if reason is not None:
                 self._streams.remove(stream)

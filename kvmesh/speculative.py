@@ -164,6 +164,13 @@ class DraftCursor:
                 self._lookup, self.match_len, self._lookup_indexed, self._lookup_starts
             )
 
+    def record(self, accepted: Seq[int], bonus: int, token_ids: Seq[int]) -> None:
+        """What a forward pass tells the cursor: `advance`, then `observe` the tail of the sequence's
+        tokens (`token_ids`, prompt and output, `bonus` last). After a plain step (a prefill that gave the
+        first token) `accepted` is empty."""
+        self.advance(accepted, bonus)
+        self.observe(token_ids[-self.tail_len :])
+
     @property
     def tail_len(self) -> int:
         """How many of the latest tokens `observe` wants to see."""
@@ -269,8 +276,7 @@ def speculative_step(engine: Engine, batch: Seq[tuple[Sequence, DraftCursor | No
             cursor.stats.rejected_prediction_tokens += len(draft) - num_accepted
             cursor.stats.forward_passes += 1
             if bonus is not None:
-                cursor.advance(draft[:num_accepted], bonus)
-                cursor.observe(seq.token_ids[-cursor.tail_len :])
+                cursor.record(draft[:num_accepted], bonus, seq.token_ids)
         new_tokens.append(seq.token_ids[base:])
     return new_tokens
 
@@ -343,8 +349,7 @@ def generate_speculative_batch(
             cursor.stats.forward_passes += -(-seq.num_uncomputed_tokens // chunk)
             token = engine.sample([seq], [engine.prefill(seq)])[0]
             if engine.append_token(seq, token) is None:
-                cursor.advance([], token)
-                cursor.observe(seq.token_ids[-cursor.tail_len :])
+                cursor.record([], token, seq.token_ids)
                 running.append((seq, cursor))
         while running:
             speculative_step(engine, running)

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.layout import PromptLayout
 from kvmesh.client import Client
 from kvmesh.engine import Engine
+from kvmesh.speculative import DraftCursor, generate_speculative
 from kvmesh.telemetry import add_span_processor, setup_telemetry
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2
 from tests.factories import random_ids
@@ -274,6 +275,30 @@ def test_decode_worker_speculation_equals_plain_greedy_on_random_drafts(
     assert [t for c in chunks for t in c.token_ids] == expected
     usage = chunks[-1].usage
     assert usage.completion_tokens == len(expected)
+
+
+def test_a_decode_worker_that_prefills_itself_tells_the_cursor_its_first_token(speculative_mesh, engine):
+    # No prefill_address: the worker prefills the prompt itself, and the first token comes from that plain
+    # prefill step. The cursor must hear of it, or its first proposals are one token off (the same
+    # output, but rejected drafts and extra passes). The worker's counts equal the engine's own helper's.
+    prompt = random_ids(40, vocab_size=engine.config.vocab_size, seed=7)
+    free_run = engine.generate(prompt, NUM_FREE_RUN, ignore_eos=True)
+    _, stats = generate_speculative(
+        engine, prompt, DraftCursor.for_edit(free_run, prompt), NUM_FREE_RUN, ignore_eos=True
+    )
+    assert stats.rejected_prediction_tokens == 0
+    decode = next(s for n, s in speculative_mesh.servers.items() if n.startswith("decode"))
+    request = decode_pb2.GenerateRequest(
+        request_id="first-token", prompt_token_ids=prompt, draft_token_ids=free_run
+    )
+    request.sampling.max_tokens = NUM_FREE_RUN
+    request.sampling.ignore_eos = True
+    with grpc.insecure_channel(decode.address) as channel:
+        chunks = list(decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=60))
+    assert [t for c in chunks for t in c.token_ids] == free_run
+    usage = chunks[-1].usage
+    assert usage.accepted_prediction_tokens == stats.accepted_prediction_tokens
+    assert usage.rejected_prediction_tokens == 0
 
 
 def test_prompt_lookup_completion_streams_exactly_the_plain_completion(model_path, engine):
