@@ -57,17 +57,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from default_model_data import is_held_out  # noqa: E402
-
-from bench.engine import cpu_model_name  # noqa: E402
-from gateway.layout import PromptLayout  # noqa: E402
-from kvmesh import default_model_path  # noqa: E402
-from kvmesh.edit_data import EDIT_KINDS, make_edit, plain_source  # noqa: E402
-from kvmesh.engine import Engine  # noqa: E402
-from kvmesh.speculative import DraftCursor, generate_speculative  # noqa: E402
+from bench.engine import cpu_model_name
+from gateway.layout import PromptLayout
+from kvmesh import default_model_path
+from kvmesh.engine.engine import Engine
+from kvmesh.engine.speculative import DraftCursor, generate_speculative
+from training.default_model_data import is_held_out
+from training.edit_data import EDIT_KINDS, make_edit, plain_source
 
 MIN_LINES, MAX_LINES = 20, 120
 EXTRA_TOKENS = 8

@@ -31,11 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from kvmesh.checkpoint import stdlib_corpus_files, train_code_tokenizer, write_random_checkpoint  # noqa: E402
-from kvmesh.engine import Engine  # noqa: E402
-from kvmesh.kv_cache import KVLayout  # noqa: E402
+from kvmesh.engine.engine import Engine
+from kvmesh.engine.kv_cache import KVLayout
+from training.checkpoint import stdlib_corpus_files, train_code_tokenizer, write_random_checkpoint
 
 MODEL_SHAPE = {
     "vocab_size": 4096,

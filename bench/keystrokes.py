@@ -43,15 +43,13 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gateway.layout import PromptLayout  # noqa: E402
-from kvmesh import default_model_path  # noqa: E402
-from kvmesh.block_hash import hash_blocks, namespace_hash  # noqa: E402
-from kvmesh.checkpoint import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX  # noqa: E402
-from kvmesh.launcher import SERVING_LINE  # noqa: E402
-from kvmesh.tokenizer import Tokenizer  # noqa: E402
-from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from gateway.layout import PromptLayout
+from kvmesh import default_model_path
+from kvmesh.cli.launcher import SERVING_LINE
+from kvmesh.engine.block_hash import hash_blocks, namespace_hash
+from kvmesh.engine.special_tokens import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from kvmesh.engine.tokenizer import Tokenizer
+from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BLOCK_SIZE = 16

@@ -23,16 +23,12 @@ from pathlib import Path
 import grpc
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import transports as transport_bench  # noqa: E402
-
-from gateway.layout import PromptLayout  # noqa: E402
-from kvmesh import default_model_path  # noqa: E402
-from kvmesh.engine import Engine  # noqa: E402
-from kvmesh.launcher import LocalMesh  # noqa: E402
-from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+import bench.transports as transport_bench
+from gateway.layout import PromptLayout
+from kvmesh import default_model_path
+from kvmesh.cli.launcher import LocalMesh
+from kvmesh.engine.engine import Engine
+from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def make_prefix(engine: Engine, num_tokens: int) -> str:

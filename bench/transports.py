@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvmesh.kv_cache import KVLayout, KVPool  # noqa: E402
-from kvmesh.transport import (  # noqa: E402
+from kvmesh.engine.kv_cache import KVLayout, KVPool
+from kvmesh.transport import (
     KVChunk,
     KVChunkReceiver,
     KVDestination,

@@ -17,9 +17,10 @@ import grpc
 import grpc.aio
 
 from cache_store.index import BlockIndex, KVEventKind
-from cache_store.registry import WorkerInfo, WorkerLoad, WorkerRegistry, WorkerRole
-from kvmesh.block_hash import HASH_BYTES
-from kvmesh.server import RunningServer, ServerConfig, ServiceError, start_server
+from cache_store.registry import WorkerRegistry
+from kvmesh.engine.block_hash import HASH_BYTES
+from kvmesh.mesh.server import RunningServer, ServerConfig, ServiceError, start_server
+from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def block_hashes_from_proto(block_hashes: Sequence[bytes], field: str) -> Sequen
         if len(block_hash) != HASH_BYTES:
             raise _invalid(
                 f"{field}[{position}] is {len(block_hash)} bytes: block hashes are {HASH_BYTES}-byte "
-                "SHA-256 digests from kvmesh.block_hash"
+                "SHA-256 digests from kvmesh.engine.block_hash"
             )
     return block_hashes
 

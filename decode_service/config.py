@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmesh.server import ServerConfig
-from kvmesh.worker_config import ModelSettings, RegistrationSettings
+from kvmesh.mesh.server import ServerConfig
+from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
 
 
 @dataclass(frozen=True)

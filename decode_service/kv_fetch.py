@@ -7,12 +7,12 @@ import time
 
 import grpc
 
-from kvmesh.engine import Engine
-from kvmesh.kv_cache import num_blocks_for_tokens
-from kvmesh.protocol import layout_to_proto
-from kvmesh.sequence import Sequence
-from kvmesh.server import ServiceError
-from kvmesh.telemetry import tracer
+from kvmesh.engine.engine import Engine
+from kvmesh.engine.kv_cache import num_blocks_for_tokens
+from kvmesh.engine.sequence import Sequence
+from kvmesh.mesh.convert import layout_to_proto
+from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.telemetry import tracer
 from kvmesh.transport.base import TransferError
 from kvmesh.transport.grpc_stream import KVChunk, KVChunkReceiver
 from kvmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc

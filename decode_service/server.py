@@ -16,24 +16,24 @@ import grpc
 import torch
 from prometheus_client.registry import REGISTRY
 
-from cache_store.registry import WorkerLoad, WorkerRole
 from decode_service.config import DecodeConfig
+from decode_service.driver import DecodeLoop, TokenEvent
 from decode_service.kv_fetch import PrefillClient
-from decode_service.scheduler import DecodeLoop, TokenEvent
-from kvmesh.engine import Engine
-from kvmesh.kv_cache import KVLayout, OutOfBlocks
-from kvmesh.protocol import FINISH_REASON_TO_PROTO, invalid, sampling_from_proto
-from kvmesh.registration import join_mesh, worker_info
-from kvmesh.sampling import SamplingParams
-from kvmesh.sequence import Sequence
-from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
-from kvmesh.speculative import DraftCursor
-from kvmesh.telemetry import start_metrics_server, tracer
-from kvmesh.tokenizer import Detokenizer
+from kvmesh.engine.engine import Engine
+from kvmesh.engine.kv_cache import KVLayout, OutOfBlocks
+from kvmesh.engine.sampling import SamplingParams
+from kvmesh.engine.sequence import Sequence
+from kvmesh.engine.speculative import DraftCursor
+from kvmesh.engine.tokenizer import Detokenizer
+from kvmesh.mesh.convert import FINISH_REASON_TO_PROTO, invalid, sampling_from_proto
+from kvmesh.mesh.registration import join_mesh, worker_info
+from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.mesh.telemetry import start_metrics_server, tracer
+from kvmesh.mesh.worker_config import load_engine
+from kvmesh.mesh.worker_metrics import register_worker_metrics
+from kvmesh.mesh.workers import WorkerLoad, WorkerRole
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
-from kvmesh.worker_config import load_engine
-from kvmesh.worker_metrics import register_worker_metrics
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name

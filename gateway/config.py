@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.routing_cost import TRANSPORT_CHOICES, RoutingConfig
-from kvmesh.server import ServerConfig
+from kvmesh.mesh.server import ServerConfig
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvmesh.checkpoint import EDIT_ORIGINAL, EDIT_OUTPUT, EDIT_SNIPPET, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from kvmesh.tokenizer import Tokenizer
+from kvmesh.engine.special_tokens import (
+    EDIT_ORIGINAL,
+    EDIT_OUTPUT,
+    EDIT_SNIPPET,
+    FIM_MIDDLE,
+    FIM_PREFIX,
+    FIM_SUFFIX,
+)
+from kvmesh.engine.tokenizer import Tokenizer
 
 
 class EditPrompt(NamedTuple):

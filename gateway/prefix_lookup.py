@@ -1,6 +1,6 @@
 """Which worker holds how much of a prompt: block hashes, then the cache store's Lookup.
 
-The prompt's full blocks are hashed with kvmesh.block_hash (the one function every role uses), in the
+The prompt's full blocks are hashed with kvmesh.engine.block_hash (the one function every role uses), in the
 namespace of the model fingerprint and the tenant's salt, so a worker's hits are its own model's KV of
 this tenant's prompts. Workers of different fingerprints (a rollout in progress) get one Lookup each.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from kvmesh.block_hash import hash_blocks, namespace_hash
+from kvmesh.engine.block_hash import hash_blocks, namespace_hash
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)

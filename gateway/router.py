@@ -20,12 +20,12 @@ import grpc
 import grpc.aio
 from opentelemetry import trace
 
-from cache_store.registry import WorkerInfo, WorkerRole
 from cache_store.server import worker_from_proto
 from gateway.prefix_lookup import PrefixLookup
 from gateway.routing_cost import Candidate, PoolSnapshot, RoutePlan, RoutingConfig, plan_route
-from kvmesh.server import ServiceError
-from kvmesh.telemetry import tracer
+from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.telemetry import tracer
+from kvmesh.mesh.workers import WorkerInfo, WorkerRole
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)

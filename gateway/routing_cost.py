@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
-from cache_store.registry import WorkerInfo
+from kvmesh.mesh.workers import WorkerInfo
 
 TRANSPORT_CHOICES = ("auto", "shm", "grpc")
 

@@ -23,19 +23,19 @@ import grpc.aio
 from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 
-from cache_store.registry import WorkerRole
 from gateway.config import GatewayConfig
-from gateway.failover import ResumableGeneration
+from gateway.generation import ResumableGeneration
 from gateway.layout import CompletionPrompt, EditPrompt, PromptLayout, PromptTooLong, split_document
 from gateway.prefix_lookup import PrefixLookup
 from gateway.router import Router, WorkerPool
 from gateway.routing_cost import RoutePlan
 from gateway.tenancy import Authenticator, Identity, TenantKeys
-from kvmesh.config import ModelConfig
-from kvmesh.loader import load_model_config
-from kvmesh.server import RunningServer, ServiceError, deadline_s, start_server
-from kvmesh.telemetry import meter, start_metrics_server, tracer
-from kvmesh.tokenizer import Tokenizer
+from kvmesh.engine.loader import load_model_config
+from kvmesh.engine.model_config import ModelConfig
+from kvmesh.engine.tokenizer import Tokenizer
+from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.mesh.telemetry import meter, start_metrics_server, tracer
+from kvmesh.mesh.workers import WorkerRole
 from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Who is calling, and which cache salt that gives: API key -> tenant -> sharing group -> salt.
 
-The salt is part of every block hash's namespace (kvmesh.block_hash), so two tenants never see each
+The salt is part of every block hash's namespace (kvmesh.engine.block_hash), so two tenants never see each
 other's KV, and tenants of one sharing group share theirs. The gateway alone chooses it: a client sends a
 key, never a salt (anything it sends as a salt is ignored).
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.server import ServiceError
+from kvmesh.mesh.server import ServiceError
 
 SALT_VERSION = b"kvmesh-tenant-salt-v1"
 

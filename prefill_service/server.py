@@ -17,19 +17,19 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client.registry import REGISTRY
 
-from cache_store.registry import WorkerLoad, WorkerRole
-from kvmesh.engine import Engine
-from kvmesh.kv_cache import OutOfBlocks, num_blocks_for_tokens
-from kvmesh.protocol import invalid, layout_from_proto
-from kvmesh.registration import join_mesh, worker_info
-from kvmesh.sequence import Sequence
-from kvmesh.server import RunningServer, ServiceError, start_server
-from kvmesh.telemetry import start_metrics_server, tracer
+from kvmesh.engine.engine import Engine
+from kvmesh.engine.kv_cache import OutOfBlocks, num_blocks_for_tokens
+from kvmesh.engine.sequence import Sequence
+from kvmesh.mesh.convert import invalid, layout_from_proto
+from kvmesh.mesh.registration import join_mesh, worker_info
+from kvmesh.mesh.server import RunningServer, ServiceError, start_server
+from kvmesh.mesh.telemetry import start_metrics_server, tracer
+from kvmesh.mesh.worker_config import load_engine
+from kvmesh.mesh.worker_metrics import register_worker_metrics
+from kvmesh.mesh.workers import WorkerLoad, WorkerRole
 from kvmesh.transport.base import KVDestination, make_sender
 from kvmesh.transport.grpc_stream import iter_chunks
 from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
-from kvmesh.worker_config import load_engine
-from kvmesh.worker_metrics import register_worker_metrics
 from prefill_service.config import PrefillConfig
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from kvmesh.checkpoint import END_OF_TEXT, stdlib_corpus_files, train_code_tokenizer
 from tests.k8s_support import K8S, OVERLAYS, render
+from training.checkpoint import END_OF_TEXT, stdlib_corpus_files, train_code_tokenizer
 
 TOKENIZER_VOCAB_SIZE = 512
 """The shared test tokenizer's vocabulary; tiny models default to exactly this many embeddings."""
@@ -169,7 +169,7 @@ def single_thread() -> Iterator[None]:
 def mesh_model_path(tmp_path_factory: pytest.TempPathFactory, code_tokenizer: Tokenizer) -> Path:
     """A tiny random-weight checkpoint for tests that run the mesh (weights large enough that greedy
     decoding does not tie)."""
-    from kvmesh.checkpoint import write_random_checkpoint
+    from training.checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(
         tmp_path_factory.mktemp("mesh-model"),
@@ -197,7 +197,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-# The Kubernetes manifests, rendered once per session for tests/test_k8s*.py.
+# The Kubernetes manifests, rendered once per session for tests/deploy/test_k8s*.py.
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     return {overlay: render(K8S / "overlays" / overlay) for overlay in OVERLAYS}

@@ -9,10 +9,10 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kvmesh.config import ModelConfig, RopeConfig
-from kvmesh.engine import Engine, EngineConfig
-from kvmesh.model import CausalLM
-from kvmesh.tokenizer import Tokenizer
+from kvmesh.engine.engine import Engine, EngineConfig
+from kvmesh.engine.model import CausalLM
+from kvmesh.engine.model_config import ModelConfig, RopeConfig
+from kvmesh.engine.tokenizer import Tokenizer
 
 TINY_TEXT = [
     "def add(a, b):\n    return a + b\n",

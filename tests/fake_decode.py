@@ -19,15 +19,15 @@ import grpc
 import grpc.aio
 from tokenizers import Tokenizer as HFTokenizer
 
-from cache_store.registry import WorkerInfo, WorkerLoad, WorkerRole
 from cache_store.server import CacheStoreConfig, worker_to_proto
 from cache_store.server import serve as serve_cache_store
 from gateway.config import GatewayConfig
 from gateway.server import serve as serve_gateway
-from kvmesh.checkpoint import write_random_checkpoint
-from kvmesh.server import RunningServer, ServerConfig, start_server
-from kvmesh.tokenizer import Detokenizer, Tokenizer
+from kvmesh.engine.tokenizer import Detokenizer, Tokenizer
+from kvmesh.mesh.server import RunningServer, ServerConfig, start_server
+from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc
+from training.checkpoint import write_random_checkpoint
 
 DECODE_SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 FAKE_FINGERPRINT = "fake-model"

@@ -15,16 +15,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cache_store.registry import WorkerLoad
 from cache_store.server import CacheStoreConfig
 from cache_store.server import serve as serve_cache_store
 from decode_service.config import DecodeConfig
 from decode_service.server import serve as serve_decode
 from gateway.config import GatewayConfig
 from gateway.server import serve as serve_gateway
-from kvmesh.server import RunningServer, ServerConfig, wait_for_serving
+from kvmesh.mesh.server import RunningServer, ServerConfig, wait_for_serving
+from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
+from kvmesh.mesh.workers import WorkerLoad
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
-from kvmesh.worker_config import ModelSettings, RegistrationSettings
 from prefill_service.config import PrefillConfig
 from prefill_service.server import serve as serve_prefill
 

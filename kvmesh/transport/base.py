@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmesh.kv_cache import KVLayout, KVPool
+from kvmesh.engine.kv_cache import KVLayout, KVPool
 
 STREAM_TRANSPORT = "grpc"
 """The transport every worker supports: KV bytes in the Prefill response stream."""

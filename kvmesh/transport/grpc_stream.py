@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.kv_cache import KVPool
+from kvmesh.engine.kv_cache import KVPool
 from kvmesh.transport.base import (
     STREAM_TRANSPORT,
     KVDestination,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
-from kvmesh.kv_cache import KVPool
+from kvmesh.engine.kv_cache import KVPool
 from kvmesh.transport.base import (
     KVDestination,
     KVSender,

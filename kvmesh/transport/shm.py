@@ -27,7 +27,7 @@ from multiprocessing import resource_tracker
 
 import torch
 
-from kvmesh.kv_cache import KVLayout, KVPool
+from kvmesh.engine.kv_cache import KVLayout, KVPool
 from kvmesh.transport.base import (
     KVDestination,
     KVSender,

@@ -1,0 +1,397 @@
+"""The one place that reads command-line flags and `KVMESH_*` environment variables.
+
+Every flag has an environment twin: `--cache-store` is `KVMESH_CACHE_STORE`. A flag wins over its
+variable, the variable over the default. The values become the roles' frozen config dataclasses here and
+are passed down from there; nothing else in kvmesh reads the environment.
+
+NOTE: role modules are imported inside the functions that need them: importing torch takes seconds, and
+the cache store and the client commands never touch it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvmesh.mesh.server import ServerConfig
+
+if TYPE_CHECKING:
+    from cache_store.server import CacheStoreConfig
+    from decode_service.config import DecodeConfig
+    from gateway.config import GatewayConfig
+    from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
+    from prefill_service.config import PrefillConfig
+
+    RoleConfig = GatewayConfig | PrefillConfig | DecodeConfig | CacheStoreConfig
+
+ROLES = ("gateway", "prefill", "decode", "cache-store")
+ENV_PREFIX = "KVMESH_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A flag or variable has a value that cannot be used; the message names it."""
+
+
+def parse_bytes(text: str) -> int:
+    """'268435456', '256MiB', '256M', '1.5GiB' -> bytes (K/M/G are powers of 1024, as for memory)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (examples: 268435456, 256MiB, 2GiB)")
+    scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * scale)
+
+
+def _optional_int(text: str) -> int | None:
+    """An int, or None for '', 'none' or 'off' (turns an optional port off)."""
+    return None if text.strip().lower() in ("", "none", "off") else int(text)
+
+
+def _boolean(value: str | bool) -> bool:
+    """True/False from a --flag/--no-flag, or from '1', 'true', 'yes', 'on' / '0', 'false', 'no', 'off'."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{value} is not a fraction between 0 and 1")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'shm,grpc' -> ('shm', 'grpc')."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag and its environment twin."""
+
+    flag: str
+    """Long flag, e.g. "--kv-cache-bytes"; the variable is KVMESH_KV_CACHE_BYTES."""
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    boolean: bool = False
+    """A switch: "--flag" and "--no-flag" on the command line; 1/0, true/false, ... in the variable."""
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+HOST = Option("--host", str, "127.0.0.1", "interface to bind (0.0.0.0: all)")
+PORT = Option("--port", int, 0, "gRPC port; 0 picks a free one")
+GRACE_S = Option("--grace-s", float, 5.0, "seconds in-flight calls get to finish on SIGTERM")
+METRICS_PORT = Option("--metrics-port", _optional_int, None, "Prometheus metrics port (unset: no metrics)")
+LOG_LEVEL = Option("--log-level", str, "info", "logging level", LOG_LEVELS)
+MODEL = Option("--model", str, None, "checkpoint directory (default: the built-in model)")
+CACHE_STORE = Option("--cache-store", str, None, "cache store address, host:port (required)")
+
+SERVER_OPTIONS = (HOST, PORT, GRACE_S, METRICS_PORT, LOG_LEVEL)
+WORKER_OPTIONS = (
+    MODEL,
+    CACHE_STORE,
+    Option("--dtype", str, "float32", "weights and KV dtype", ("float32", "bfloat16", "float16")),
+    Option("--device", str, "cpu", 'torch device ("cpu", "cuda", "cuda:1")'),
+    Option("--threads", int, 1, "torch intra-op threads"),
+    Option("--block-size", int, 16, "tokens per KV block"),
+    Option("--kv-cache-bytes", parse_bytes, 256 * 1024 * 1024, "KV pool size (e.g. 256MiB)"),
+    Option("--num-blocks", _optional_int, None, "KV pool size in blocks (overrides --kv-cache-bytes)"),
+    Option("--prefill-chunk-size", int, 512, "most prompt tokens per sequence per forward pass"),
+    Option("--advertise-host", str, "127.0.0.1", "host other roles dial to reach this worker"),
+    Option("--worker-id", str, "", "unique worker id (default: role@host:port)"),
+    Option("--host-id", str, None, "machine identity for shared memory (default: hostname/boot id)"),
+    Option("--transports", _names, ("shm", "grpc"), "KV transports offered, best first (e.g. shm,grpc)"),
+    Option(
+        "--prefix-caching",
+        _boolean,
+        True,
+        "keep freed full KV blocks findable by hash and reuse cached prompt prefixes",
+        boolean=True,
+    ),
+    Option(
+        "--require-cache-salt",
+        _boolean,
+        False,
+        "refuse requests without a tenant cache salt (when the gateway has --api-keys-file)",
+        boolean=True,
+    ),
+)
+ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "gateway": (
+        *SERVER_OPTIONS,
+        MODEL,
+        CACHE_STORE,
+        Option("--max-tokens-limit", int, 1024, "largest sampling.max_tokens accepted"),
+        Option("--default-max-tokens", int, 64, "tokens generated when a request asks for 0"),
+        Option("--max-request-bytes", parse_bytes, 1024 * 1024, "largest request accepted (e.g. 1MiB)"),
+        Option("--max-snippet-chars", int, 16384, "longest update snippet an edit may send, in characters"),
+        Option("--request-timeout-s", float, 60.0, "deadline of requests that set none, in seconds"),
+        Option("--refresh-ms", int, 500, "how often the worker list is re-read, in milliseconds"),
+        Option("--use-prefill-min-tokens", int, 0, "shorter prompts are prefilled by the decode worker"),
+        Option("--transport", str, "auto", "KV transport between workers", ("auto", "shm", "grpc")),
+        Option("--max-attempts", int, 3, "tries per request when a worker is unavailable"),
+        Option(
+            "--api-keys-file",
+            str,
+            None,
+            'JSON {"keys": {key: tenant}, "groups": {tenant: group}}; unset: multi-tenancy off',
+        ),
+        Option(
+            "--block-size", int, 16, "tokens per KV block when hashing prompts (= the workers' --block-size)"
+        ),
+        Option(
+            "--disagg-min-tokens", int, 256, "an uncached part shorter than this stays on the decode worker"
+        ),
+        Option(
+            "--disagg-min-fraction",
+            _fraction,
+            0.25,
+            "... and below this fraction of the prompt (both must hold)",
+        ),
+        Option("--decode-load-weight", float, 1.0, "routing cost of one request of decode load, in blocks"),
+        Option("--max-load-imbalance", int, 4, "requests a decode worker may exceed the least loaded by"),
+        Option("--lookup-timeout-ms", int, 100, "cache store lookup deadline; past it, route by load alone"),
+    ),
+    "prefill": (*SERVER_OPTIONS, *WORKER_OPTIONS),
+    "decode": (
+        *SERVER_OPTIONS,
+        *WORKER_OPTIONS,
+        Option("--max-batch-size", int, 32, "most sequences per forward pass"),
+        Option("--max-tokens-limit", int, 4096, "largest sampling.max_tokens accepted"),
+        Option("--kv-quarantine-s", float, 2.0, "seconds a cancelled shm transfer's blocks stay out of use"),
+    ),
+    "cache-store": (
+        *SERVER_OPTIONS,
+        Option("--heartbeat-interval-ms", int, 1000, "how often workers heartbeat, in milliseconds"),
+        Option("--expiry-ms", int, 5000, "workers silent this long are dropped, in milliseconds"),
+    ),
+}
+
+TARGET = Option("--target", str, "127.0.0.1:50051", "gateway address, host:port")
+TIMEOUT_S = Option("--timeout-s", float, 60.0, "deadline of the call, in seconds")
+API_KEY = Option("--api-key", str, None, "API key for a gateway with multi-tenancy on (prefer the variable)")
+CLIENT_OPTIONS = (TARGET, TIMEOUT_S, API_KEY)
+UP_OPTIONS = (
+    Option("--port", int, 50051, "the gateway's gRPC port"),
+    MODEL,
+    Option("--transport", str, "auto", "KV transport between workers", ("auto", "shm", "grpc")),
+    Option("--log-level", str, "warning", "the roles' logging level", LOG_LEVELS),
+    Option("--startup-timeout-s", float, 180.0, "how long each role may take to report SERVING"),
+)
+
+PER_PROCESS_VARIABLES = ("--port", "--metrics-port", "--worker-id")
+"""Variables `kvmesh up` does not pass on: four processes cannot share one port or one id."""
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Adds each option as a flag; its help names the variable and the default."""
+    for option in options:
+        default = option.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        fallback = "" if default is None else f"; default {default}"
+        if option.boolean:
+            parser.add_argument(
+                option.flag,
+                dest=option.dest,
+                default=None,  # None: not given; resolve() falls back to the variable, then the default
+                action=argparse.BooleanOptionalAction,
+                help=f"{option.help} [env {option.env}{fallback}]",
+            )
+            continue
+        parser.add_argument(
+            option.flag,
+            dest=option.dest,
+            default=None,  # None: not given; resolve() falls back to the variable, then the default
+            choices=option.choices,
+            metavar=option.dest.upper(),
+            help=f"{option.help} [env {option.env}{fallback}]",
+        )
+
+
+def resolve(
+    options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """Each option's value: the flag, else its variable, else the default. Raises SettingsError."""
+    values: dict[str, Any] = {}
+    for option in options:
+        flag_value = getattr(args, option.dest, None)
+        if flag_value is not None:
+            raw, source = flag_value, option.flag
+        elif option.env in environ:
+            raw, source = environ[option.env], option.env
+        else:
+            values[option.dest] = option.default
+            continue
+        if option.choices is not None and raw not in option.choices:
+            raise SettingsError(f"{source}={raw!r}: choose one of {', '.join(option.choices)}")
+        try:
+            values[option.dest] = option.parse(raw)
+        except ValueError as error:
+            raise SettingsError(f"{source}={raw!r}: {error}") from None
+    return values
+
+
+@dataclass(frozen=True)
+class RoleSettings:
+    """What `kvmesh serve ROLE` runs."""
+
+    role: str
+    config: RoleConfig
+    log_level: str
+    metrics_port: int | None
+    """Also inside the worker and gateway configs (their serve() starts the server); the cache store's
+    config has none, so the CLI serves its metrics."""
+    num_threads: int | None
+    """torch threads for a worker; None for roles that run no model."""
+
+
+def role_settings(
+    role: str,
+    args: argparse.Namespace,
+    environ: Mapping[str, str] = os.environ,
+    default_model: Callable[[], str] | None = None,
+) -> RoleSettings:
+    """The config of one role from flags and variables. default_model gives the checkpoint when --model
+    is not set (default: kvmesh.default_model_path(), which may build it). Raises SettingsError."""
+    if role not in ROLE_OPTIONS:
+        raise SettingsError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    values = resolve(ROLE_OPTIONS[role], args, environ)
+    server = ServerConfig(host=values["host"], port=values["port"], grace_s=values["grace_s"])
+    num_threads = None
+    try:
+        if role == "cache-store":
+            from cache_store.server import CacheStoreConfig
+
+            config: Any = CacheStoreConfig(
+                host=server.host,
+                port=server.port,
+                heartbeat_interval_ms=values["heartbeat_interval_ms"],
+                expiry_ms=values["expiry_ms"],
+                grace_s=server.grace_s,
+            )
+        elif role == "gateway":
+            from gateway.config import GatewayConfig
+
+            config = GatewayConfig(
+                server=server,
+                cache_store_address=_required(values, CACHE_STORE),
+                model_path=values["model"] or _default_model(default_model),
+                max_tokens_limit=values["max_tokens_limit"],
+                default_max_tokens=values["default_max_tokens"],
+                max_request_bytes=values["max_request_bytes"],
+                max_snippet_chars=values["max_snippet_chars"],
+                request_timeout_s=values["request_timeout_s"],
+                refresh_ms=values["refresh_ms"],
+                use_prefill_min_tokens=values["use_prefill_min_tokens"],
+                transport=values["transport"],
+                max_attempts=values["max_attempts"],
+                metrics_port=values["metrics_port"],
+                api_keys_file=values["api_keys_file"] or None,
+                block_size=values["block_size"],
+                disagg_min_tokens=values["disagg_min_tokens"],
+                disagg_min_fraction=values["disagg_min_fraction"],
+                decode_load_weight=values["decode_load_weight"],
+                max_load_imbalance=values["max_load_imbalance"],
+                lookup_timeout_ms=values["lookup_timeout_ms"],
+            )
+        else:
+            model, registration = _worker_settings(values, default_model)
+            num_threads = model.num_threads
+            if role == "prefill":
+                from prefill_service.config import PrefillConfig
+
+                config = PrefillConfig(
+                    server,
+                    model,
+                    registration,
+                    metrics_port=values["metrics_port"],
+                    require_cache_salt=values["require_cache_salt"],
+                )
+            else:
+                from decode_service.config import DecodeConfig
+
+                config = DecodeConfig(
+                    server,
+                    model,
+                    registration,
+                    max_batch_size=values["max_batch_size"],
+                    max_tokens_limit=values["max_tokens_limit"],
+                    metrics_port=values["metrics_port"],
+                    kv_quarantine_s=values["kv_quarantine_s"],
+                    require_cache_salt=values["require_cache_salt"],
+                )
+    except ValueError as error:  # a config's own checks (__post_init__)
+        raise SettingsError(f"kvmesh serve {role}: {error}") from None
+    return RoleSettings(role, config, values["log_level"], values["metrics_port"], num_threads)
+
+
+def _worker_settings(
+    values: dict[str, Any], default_model: Callable[[], str] | None
+) -> tuple[ModelSettings, RegistrationSettings]:
+    from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
+
+    model = ModelSettings(
+        path=values["model"] or _default_model(default_model),
+        dtype=values["dtype"],
+        device=values["device"],
+        block_size=values["block_size"],
+        kv_cache_bytes=values["kv_cache_bytes"],
+        num_blocks=values["num_blocks"],
+        prefill_chunk_size=values["prefill_chunk_size"],
+        num_threads=values["threads"],
+        enable_prefix_caching=values["prefix_caching"],
+    )
+    if not values["transports"]:
+        raise SettingsError("--transports is empty: offer at least grpc")
+    registration_values: dict[str, Any] = {
+        "cache_store_address": _required(values, CACHE_STORE),
+        "advertise_host": values["advertise_host"],
+        "worker_id": values["worker_id"],
+        "transports": values["transports"],
+    }
+    if values["host_id"] is not None:
+        registration_values["host_id"] = values["host_id"]
+    return model, RegistrationSettings(**registration_values)
+
+
+def _required(values: dict[str, Any], option: Option) -> Any:
+    value = values[option.dest]
+    if not value:
+        raise SettingsError(f"{option.flag} (or {option.env}) is required")
+    return value
+
+
+def _default_model(default_model: Callable[[], str] | None) -> str:
+    if default_model is not None:
+        return default_model()
+    from kvmesh import default_model_path
+
+    return str(default_model_path())
+
+
+def child_environ(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment for the roles `kvmesh up` starts: everything but the per-process variables."""
+    dropped = {
+        ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper() for flag in PER_PROCESS_VARIABLES
+    }
+    return {name: value for name, value in environ.items() if name not in dropped}

@@ -1,0 +1,194 @@
+"""A worker's KV events: tell the cache store which block hashes it holds, so requests route to them.
+
+The worker keeps one PublishKVEvents stream open. Every (re)connect starts with its whole inventory
+(CLEARED, then STORED with every hash it holds), so a cache store that restarted, or that dropped the
+worker when it expired, rebuilds what it knows of the worker without asking; after that the stream
+carries only changes. Hashes only: no token or text ever leaves the worker this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import grpc.aio
+
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_KIND_TO_PROTO = {
+    "stored": cache_store_pb2.KV_EVENT_KIND_STORED,
+    "removed": cache_store_pb2.KV_EVENT_KIND_REMOVED,
+    "cleared": cache_store_pb2.KV_EVENT_KIND_CLEARED,
+}
+
+MAX_HASHES_PER_BATCH = 16384
+"""Most inventory hashes sent in one message (512 KiB of hashes), far below any gRPC message limit."""
+CLOSE_TIMEOUT_S = 1.0
+"""On cancel, how long to wait for the cache store to acknowledge the closed stream, in seconds."""
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """One change to a worker's cached blocks."""
+
+    kind: str
+    """What happened: "stored" (the worker now holds these hashes), "removed" (it evicted them) or
+    "cleared" (it holds nothing any more; block_hashes is empty)."""
+    block_hashes: tuple[bytes, ...] = ()
+    """Chained block hashes (kvmesh.engine.block_hash), 32 bytes each, in prompt order for "stored"."""
+
+    def __post_init__(self) -> None:
+        # Checked here, where the engine makes the event, rather than on the wire much later.
+        if self.kind not in _KIND_TO_PROTO:
+            raise ValueError(f"kind must be one of {sorted(_KIND_TO_PROTO)}, got {self.kind!r}")
+        if self.kind == "cleared" and self.block_hashes:
+            raise ValueError("a cleared event carries no block hashes")
+
+
+class KVEventSource(Protocol):
+    """What publish_kv_events reads from: the worker's prefix cache.
+
+    Both methods are called from the event loop's thread; the implementation makes them safe against
+    the thread that changes the cache.
+    """
+
+    def take_events(self) -> list[KVEvent]:
+        """The events since the last call, oldest first; empties the queue."""
+        ...
+
+    def inventory(self) -> list[bytes]:
+        """Every block hash the worker holds now."""
+        ...
+
+
+async def publish_kv_events(
+    cache_store_address: str,
+    worker_id: str,
+    source: KVEventSource,
+    *,
+    period_s: float = 0.02,
+    retry_s: float = 0.5,
+) -> None:
+    """Streams source's events to the cache store as worker_id; runs until cancelled.
+
+    Sends the inventory on every (re)connect, then every period_s the new events as one batch (none
+    when there are none). Any RPC error (the cache store restarted, or does not know the worker yet:
+    FAILED_PRECONDITION until it registers) is logged; the stream reconnects retry_s later. On
+    cancel the stream is half-closed, so the cache store ends the call with OK.
+    """
+    # Reconnect attempts follow retry_s rather than gRPC's own backoff, which grows to two minutes.
+    retry_ms = max(1, int(retry_s * 1000))
+    options = [("grpc.initial_reconnect_backoff_ms", retry_ms), ("grpc.max_reconnect_backoff_ms", retry_ms)]
+    async with grpc.aio.insecure_channel(cache_store_address, options=options) as channel:
+        stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+        last_error: grpc.StatusCode | None = None
+
+        def on_up() -> None:
+            nonlocal last_error
+            if last_error is not None:
+                logger.info("publishing KV events to %s again", cache_store_address)
+            last_error = None
+
+        while True:
+            try:
+                await _publish_one_stream(stub, worker_id, source, period_s, on_up, up_after_s=retry_s)
+                logger.warning("cache store %s ended the KV event stream", cache_store_address)
+            except grpc.aio.AioRpcError as error:
+                # One warning per outage and cause, not one per retry while the store is down.
+                log = logger.debug if error.code() == last_error else logger.warning
+                log("KV events to %s: %s %s", cache_store_address, error.code().name, error.details())
+                last_error = error.code()
+            await asyncio.sleep(retry_s)
+
+
+async def _publish_one_stream(
+    stub: cache_store_pb2_grpc.CacheStoreStub,
+    worker_id: str,
+    source: KVEventSource,
+    period_s: float,
+    on_up: Callable[[], None],
+    up_after_s: float,
+) -> None:
+    """Sends the inventory, then changes, until the call ends; raises its AioRpcError if it failed.
+
+    Calls on_up once the stream has lived up_after_s (long enough for a refusal to have come back).
+    """
+    call = stub.PublishKVEvents()
+    try:
+        # NOTE: events first, inventory second: the inventory supersedes every event queued before it,
+        # and an event that lands between the two calls is repeated harmlessly (STORED and REMOVED are
+        # idempotent), whereas the other order could lose one.
+        source.take_events()
+        for batch in _inventory_batches(worker_id, source.inventory()):
+            if not await _write(call, batch):
+                break
+        loop = asyncio.get_running_loop()
+        up_at: float | None = loop.time() + up_after_s
+        while not call.done():
+            await asyncio.sleep(period_s)
+            if up_at is not None and loop.time() >= up_at and not call.done():
+                on_up()
+                up_at = None
+            # Taken even when the call has just ended: the next stream's inventory supersedes them.
+            events = source.take_events()
+            if events and not call.done():
+                await _write(
+                    call, cache_store_pb2.KVEventBatch(worker_id=worker_id, events=_to_proto(events))
+                )
+        await call  # raises the status the cache store ended the call with, unless it was OK
+    except asyncio.CancelledError:
+        await _close(call)
+        raise
+    finally:
+        call.cancel()  # a no-op once the call is done
+
+
+async def _write(call: grpc.aio.StreamUnaryCall, batch: cache_store_pb2.KVEventBatch) -> bool:
+    """Sends batch; False when the cache store had already ended the call (its status tells why)."""
+    try:
+        await call.write(batch)
+    except asyncio.InvalidStateError:
+        return False
+    return True
+
+
+async def _close(call: grpc.aio.StreamUnaryCall) -> None:
+    """Half-closes the stream and waits briefly for the reply, so the cache store sees a clean end."""
+    if call.done():
+        return
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await call.done_writing()
+            await call
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+        pass  # the call ends anyway: the caller cancels it next
+
+
+def _inventory_batches(worker_id: str, inventory: Sequence[bytes]) -> list[cache_store_pb2.KVEventBatch]:
+    """CLEARED then STORED(inventory), in one batch unless the inventory exceeds MAX_HASHES_PER_BATCH.
+
+    NOTE: a huge pool's inventory is split so that no message grows with the cache; the cache store
+    applies batches in order, so the split only delays when the last hashes become findable.
+    """
+    cleared = cache_store_pb2.KVEvent(kind=cache_store_pb2.KV_EVENT_KIND_CLEARED)
+    batches = [cache_store_pb2.KVEventBatch(worker_id=worker_id, events=[cleared])]
+    for start in range(0, len(inventory), MAX_HASHES_PER_BATCH):
+        stored = cache_store_pb2.KVEvent(
+            kind=cache_store_pb2.KV_EVENT_KIND_STORED,
+            block_hashes=inventory[start : start + MAX_HASHES_PER_BATCH],
+        )
+        if start == 0:
+            batches[0].events.append(stored)
+        else:
+            batches.append(cache_store_pb2.KVEventBatch(worker_id=worker_id, events=[stored]))
+    return batches
+
+
+def _to_proto(events: Sequence[KVEvent]) -> list[cache_store_pb2.KVEvent]:
+    return [cache_store_pb2.KVEvent(kind=_KIND_TO_PROTO[e.kind], block_hashes=e.block_hashes) for e in events]

@@ -1,0 +1,97 @@
+"""A worker's membership in the mesh: register with the cache store, then heartbeat its load.
+
+The cache store is soft state: when it forgets a worker (restart, expiry), the next heartbeat answers
+`known=false` and the worker registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from cache_store.server import load_to_proto, worker_to_proto
+from kvmesh.mesh.kv_events import KVEventSource, publish_kv_events
+from kvmesh.mesh.server import RunningServer
+from kvmesh.mesh.worker_config import RegistrationSettings
+from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+RETRY_S = 0.5
+"""Pause before trying again when the cache store cannot be reached, in seconds."""
+CALL_TIMEOUT_S = 2.0
+
+
+def worker_info(
+    settings: RegistrationSettings, role: WorkerRole, port: int, model_fingerprint: str
+) -> WorkerInfo:
+    address = f"{settings.advertise_host}:{port}"
+    return WorkerInfo(
+        worker_id=settings.worker_id or f"{role.value}@{address}",
+        role=role,
+        address=address,
+        host_id=settings.host_id,
+        transports=settings.transports,
+        model_fingerprint=model_fingerprint,
+    )
+
+
+def join_mesh(
+    running: RunningServer,
+    settings: RegistrationSettings,
+    worker: WorkerInfo,
+    load: Callable[[], WorkerLoad],
+    kv_events: KVEventSource,
+) -> None:
+    """Background tasks of a worker's server: registration with heartbeats, and its KV event stream."""
+    registered = asyncio.Event()
+    running.add_background_task(asyncio.create_task(keep_registered(settings, worker, load, registered)))
+
+    async def publish_once_registered() -> None:
+        # The cache store refuses events from a worker it does not know yet.
+        await registered.wait()
+        await publish_kv_events(settings.cache_store_address, worker.worker_id, kv_events)
+
+    running.add_background_task(asyncio.create_task(publish_once_registered()))
+
+
+async def keep_registered(
+    settings: RegistrationSettings,
+    worker: WorkerInfo,
+    load: Callable[[], WorkerLoad],
+    registered: asyncio.Event | None = None,
+) -> None:
+    """Register, then heartbeat every interval the cache store asks for; runs until cancelled.
+
+    `registered` is set after the first successful registration.
+    """
+    async with grpc.aio.insecure_channel(settings.cache_store_address) as channel:
+        stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+        is_registered = False
+        interval_s = RETRY_S
+        while True:
+            try:
+                if not is_registered:
+                    reply = await stub.Register(
+                        cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)),
+                        timeout=CALL_TIMEOUT_S,
+                    )
+                    interval_s = reply.heartbeat_interval_ms / 1000.0
+                    is_registered = True
+                    if registered is not None:
+                        registered.set()
+                    logger.info("registered %s with the cache store", worker.worker_id)
+                heartbeat = await stub.Heartbeat(
+                    cache_store_pb2.HeartbeatRequest(worker_id=worker.worker_id, load=load_to_proto(load())),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                is_registered = heartbeat.known
+                await asyncio.sleep(interval_s if is_registered else 0)
+            except grpc.aio.AioRpcError as error:
+                logger.warning("cache store %s: %s", settings.cache_store_address, error.code().name)
+                is_registered = False
+                await asyncio.sleep(RETRY_S)

@@ -1,0 +1,1 @@
+"""kvmesh's tests; the folders mirror the packages they test."""

@@ -1,0 +1,256 @@
+"""The worker pool and the router: least-loaded picks, in-flight counting, exclusion, snapshots, refresh
+from a real cache store, and routes planned from a real cache store's Lookup (and without it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc.aio
+
+from cache_store.server import CacheStoreConfig, serve, worker_to_proto
+from gateway.prefix_lookup import PrefixLookup
+from gateway.router import Router, WorkerPool
+from gateway.routing_cost import Candidate, RoutingConfig
+from kvmesh.engine.block_hash import hash_blocks, namespace_hash
+from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+from tests.fake_decode import publish_blocks
+
+
+def make_worker(
+    worker_id: str,
+    role: WorkerRole = WorkerRole.DECODE,
+    *,
+    num_running: int = 0,
+    num_waiting: int = 0,
+    num_blocks_free: int = 10,
+    host_id: str = "host-a",
+    transports: tuple[str, ...] = ("shm", "grpc"),
+    fingerprint: str = "model-a",
+) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id,
+        role=role,
+        address=f"127.0.0.1:{9000 + int(worker_id[1:])}",
+        host_id=host_id,
+        transports=transports,
+        load=WorkerLoad(num_running, num_waiting, num_blocks_free, 16),
+        model_fingerprint=fingerprint,
+    )
+
+
+def pick_id(
+    pool: WorkerPool, role: WorkerRole = WorkerRole.DECODE, exclude: frozenset[str] = frozenset()
+) -> str | None:
+    worker = pool.pick(role, exclude)
+    return worker.worker_id if worker is not None else None
+
+
+def pick(pool: WorkerPool) -> WorkerInfo:
+    worker = pool.pick(WorkerRole.DECODE)
+    assert worker is not None
+    return worker
+
+
+def make_pool(*workers: WorkerInfo) -> WorkerPool:
+    pool = WorkerPool("127.0.0.1:1", refresh_ms=500)
+    pool.update(workers)
+    return pool
+
+
+def test_pick_least_loaded_then_most_free_blocks() -> None:
+    pool = make_pool(
+        make_worker("d0", num_running=2),
+        make_worker("d1", num_running=1, num_waiting=1),
+        make_worker("d2", num_running=1, num_blocks_free=4),
+        make_worker("d3", num_waiting=1, num_blocks_free=8),
+        make_worker("p4", WorkerRole.PREFILL),
+    )
+    # d2 and d3 both have load 1; d3 has more free blocks.
+    assert pick_id(pool) == "d3"
+    assert pick_id(pool, WorkerRole.PREFILL) == "p4"
+
+
+def test_pick_ties_go_to_the_lowest_id_and_none_without_workers() -> None:
+    pool = make_pool(make_worker("d1"), make_worker("d0"))
+    assert pick_id(pool) == "d0"
+    assert pool.pick(WorkerRole.PREFILL) is None
+    assert make_pool().pick(WorkerRole.DECODE) is None
+
+
+def test_in_flight_requests_spread_a_burst() -> None:
+    d0, d1, d2 = make_worker("d0"), make_worker("d1"), make_worker("d2", num_running=1)
+    pool = make_pool(d0, d1, d2)
+    picked = []
+    with pool.in_flight(pick(pool)):
+        picked.append(pick_id(pool))
+        with pool.in_flight(pick(pool)):
+            assert pool.num_in_flight("d0") == 1 and pool.num_in_flight("d1") == 1
+            # Every worker now has load 1: the tie goes to the lowest id again.
+            picked.append(pick_id(pool))
+    assert picked == ["d1", "d0"]
+    assert pool.num_in_flight("d0") == 0 and pool.num_in_flight("d1") == 0
+    assert pool.load(d2) == 1
+
+
+def test_in_flight_counts_survive_an_exception() -> None:
+    d0 = make_worker("d0")
+    pool = make_pool(d0)
+    try:
+        with pool.in_flight(d0):
+            raise RuntimeError("the call failed")
+    except RuntimeError:
+        pass
+    assert pool.num_in_flight("d0") == 0
+
+
+def test_pick_excludes_failed_workers() -> None:
+    pool = make_pool(make_worker("d0"), make_worker("d1", num_running=5))
+    assert pick_id(pool, exclude=frozenset({"d0"})) == "d1"
+    assert pool.pick(WorkerRole.DECODE, exclude={"d0", "d1"}) is None
+
+
+def test_snapshot_holds_loads_with_in_flight_requests() -> None:
+    d0, d1 = make_worker("d0", num_running=2), make_worker("d1", num_waiting=1)
+    p2 = make_worker("p2", WorkerRole.PREFILL)
+    pool = make_pool(d1, p2, d0)
+    with pool.in_flight(d1):
+        snapshot = pool.snapshot()
+    assert snapshot.decode == (Candidate(d0, 2), Candidate(d1, 2))
+    assert snapshot.prefill == (Candidate(p2, 0),)
+    assert pool.snapshot().decode[1].load == 1  # a snapshot does not follow later changes
+
+
+def test_refresh_follows_the_cache_store() -> None:
+    async def scenario() -> None:
+        store = await serve(CacheStoreConfig(heartbeat_interval_ms=1000, expiry_ms=60_000))
+        pool = WorkerPool(store.address, refresh_ms=50)
+        try:
+            async with grpc.aio.insecure_channel(store.address) as channel:
+                stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+                await stub.Register(
+                    cache_store_pb2.RegisterRequest(worker=worker_to_proto(make_worker("d0")))
+                )
+                await pool.start()
+                assert [w.worker_id for w in pool.workers(WorkerRole.DECODE)] == ["d0"]
+
+                await stub.Register(
+                    cache_store_pb2.RegisterRequest(
+                        worker=worker_to_proto(make_worker("d1", num_running=3, num_blocks_free=2))
+                    )
+                )
+                await stub.Register(
+                    cache_store_pb2.RegisterRequest(
+                        worker=worker_to_proto(make_worker("p2", WorkerRole.PREFILL))
+                    )
+                )
+                await stub.Heartbeat(
+                    cache_store_pb2.HeartbeatRequest(
+                        worker_id="d0", load=cache_store_pb2.WorkerLoad(num_running=7, num_blocks_total=16)
+                    )
+                )
+                for _ in range(100):  # the background refresh picks up all three within a few periods
+                    if len(pool.workers(WorkerRole.DECODE)) == 2 and pool.workers(WorkerRole.PREFILL):
+                        break
+                    await asyncio.sleep(0.02)
+                assert [w.worker_id for w in pool.workers(WorkerRole.DECODE)] == ["d0", "d1"]
+                assert [w.worker_id for w in pool.workers(WorkerRole.PREFILL)] == ["p2"]
+                assert pick_id(pool) == "d1"  # d0 now reports 7 running
+
+            # A cache store that goes away leaves the last known list in place.
+            await store.stop(0)
+            assert not await pool.refresh()
+            assert len(pool.workers(WorkerRole.DECODE)) == 2
+        finally:
+            await pool.close()
+            await store.stop(0)
+
+    asyncio.run(scenario())
+
+
+PROMPT = list(range(1, 101))  # 100 tokens: 6 full blocks of 16
+
+
+def test_router_follows_the_cache_store_lookup_and_routes_by_load_without_it() -> None:
+    async def scenario() -> None:
+        store = await serve(CacheStoreConfig(heartbeat_interval_ms=1000, expiry_ms=60_000))
+        pool = WorkerPool(store.address, refresh_ms=10_000)
+        workers = [
+            make_worker("d0"),
+            make_worker("d1", num_running=2),
+            make_worker("d2", fingerprint="model-b"),
+            make_worker("p3", WorkerRole.PREFILL),
+        ]
+        try:
+            async with grpc.aio.insecure_channel(store.address) as channel:
+                stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+                for worker in workers:
+                    await stub.Register(cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)))
+            await pool.start()
+            lookup = PrefixLookup(pool.store_channel, block_size=16, timeout_s=1.0, backoff_s=60.0)
+            router = Router(pool, lookup, RoutingConfig(block_size=16, disagg_min_tokens=0))
+
+            cold = await router.plan(PROMPT, "salt-1")
+            assert cold is not None and cold.route.decode_worker.worker_id == "d0"
+            assert cold.decode_cached_blocks == 0 and cold.num_prompt_blocks == 6
+
+            # d1 holds 4 blocks of the prompt in tenant salt-1's namespace of its model.
+            hashes = hash_blocks(namespace_hash("model-a", "salt-1"), PROMPT, 16)
+            await publish_blocks(store.address, "d1", hashes[:4])
+            # d2 holds all of them, but under another model's fingerprint: a different namespace.
+            await publish_blocks(store.address, "d2", hashes)
+            warm = await router.plan(PROMPT, "salt-1")
+            assert warm is not None and warm.route.decode_worker.worker_id == "d1"
+            assert warm.decode_cached_blocks == 4
+            # Another tenant's salt is another namespace: no hit, back to the least loaded.
+            other = await router.plan(PROMPT, "salt-2")
+            assert other is not None and other.decode_cached_blocks == 0
+            assert other.route.decode_worker.worker_id in ("d0", "d2")
+
+            # The cache store goes away: routes by load alone, and asks again next time (it fails fast).
+            await store.stop(0)
+            down = await router.plan(PROMPT, "salt-1")
+            assert down is not None and down.decode_cached_blocks == 0
+            assert down.route.decode_worker.worker_id == "d0"
+            again = await lookup.find(PROMPT, "salt-1", [("d1", "model-a")])
+            assert again.status == "failed"
+        finally:
+            await pool.close()
+            await store.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_lookup_of_a_hung_cache_store_ends_at_its_deadline() -> None:
+    async def scenario() -> None:
+        server = grpc.aio.server()  # a cache store whose Lookup never answers
+        cache_store_pb2_grpc.add_CacheStoreServicer_to_server(_HungCacheStore(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            lookup = PrefixLookup(lambda: channel, block_size=16, timeout_s=0.2)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            found = await lookup.find(PROMPT, "", [("d0", "model-a")])
+            assert found.status == "failed" and found.cached_blocks == {}
+            assert 0.2 <= loop.time() - started < 2.0
+            # Backing off: the next lookups do not wait for the hung store.
+            started = loop.time()
+            assert (await lookup.find(PROMPT, "", [("d0", "model-a")])).status == "skipped"
+            assert loop.time() - started < 0.1
+            # Nothing to look up: a prompt shorter than a block.
+            assert (await lookup.find(PROMPT[:15], "", [("d0", "model-a")])).status == "skipped"
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+class _HungCacheStore(cache_store_pb2_grpc.CacheStoreServicer):
+    async def Lookup(  # noqa: N802 (generated name)
+        self, request: cache_store_pb2.LookupRequest, context: grpc.aio.ServicerContext
+    ) -> cache_store_pb2.LookupReply:
+        await asyncio.sleep(30)
+        return cache_store_pb2.LookupReply()
