@@ -60,8 +60,10 @@ import torch
 from bench.engine import cpu_model_name
 from gateway.layout import PromptLayout
 from kvmesh import default_model_path
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.engine import Engine
-from kvmesh.engine.speculative import DraftCursor, generate_speculative
+from kvmesh.engine.generate import generate_speculative
+from kvmesh.engine.speculative import DraftCursor
 from training.default_model_data import is_held_out
 from training.edit_data import EDIT_KINDS, make_edit, plain_source
 
@@ -356,7 +358,7 @@ def main() -> None:
 
     cases = build_cases(num_cases, args.seed)
     engine = Engine.from_pretrained(
-        model_path, dtype="float32", device=args.device, enable_prefix_caching=False
+        model_path, "float32", args.device, EngineConfig(enable_prefix_caching=False)
     )
     layout = PromptLayout(engine.tokenizer)
     lookup = PromptLookup(Path(model_path), args.device)

@@ -98,7 +98,7 @@ class Mesh:
         )
         self.gateway_address = await self._spawn(
             "gateway",
-            ["--port", "0", *common, "--block-size", str(BLOCK_SIZE), "--refresh-ms", "100"],
+            ["--port", "0", *common, "--refresh-ms", "100"],
             log_dir,
         )
 

@@ -40,8 +40,6 @@ from kvmesh.transport import (
     copy_blocks,
     iter_chunks,
     make_sender,
-    register_local_pool,
-    unregister_local_pool,
 )
 
 MODELS = {
@@ -167,20 +165,6 @@ def measure_copy_blocks(setup: BenchSetup, reps: int) -> BenchResult:
     src, dst = random_pool(setup.layout), random_pool(setup.layout)
     run = lambda: copy_blocks(src.kv, setup.src_ids, dst.kv, setup.dst_ids)  # noqa: E731
     return time_paired("copy_blocks", setup.num_bytes, run, reps)
-
-
-def measure_inproc(setup: BenchSetup, reps: int) -> BenchResult:
-    src, dst = random_pool(setup.layout), random_pool(setup.layout)
-    register_local_pool("bench-decode", dst)
-    sender = make_sender("inproc")
-    dest = KVDestination("inproc", tuple(setup.dst_ids), setup.layout, shm_name="bench-decode")
-    loop = asyncio.new_event_loop()
-    try:
-        run = lambda: loop.run_until_complete(sender.send(src, setup.src_ids, dest))  # noqa: E731
-        return time_paired("inproc send", setup.num_bytes, run, reps)
-    finally:
-        loop.close()
-        unregister_local_pool("bench-decode")
 
 
 def measure_shm_attach(setup: BenchSetup, reps: int) -> BenchResult:
@@ -385,7 +369,6 @@ def main() -> None:
             measure_memcpy(setup.num_bytes, args.reps),
             measure_index_assign(setup, max(3, args.reps // 3)),
             measure_copy_blocks(setup, args.reps),
-            measure_inproc(setup, args.reps),
             measure_shm_attach(setup, args.reps),
             measure_shm_cross_process(setup, args.reps),
             measure_grpc_chunks(setup, args.reps),

@@ -7,20 +7,9 @@ never tokens or text; it trusts its caller to have checked them (the service edg
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-
-class KVEventKind(enum.Enum):
-    """What happened to a worker's cached blocks."""
-
-    STORED = "stored"
-    """The worker now holds these hashes."""
-    REMOVED = "removed"
-    """The worker evicted these hashes."""
-    CLEARED = "cleared"
-    """The worker holds no block any more; carries no hashes."""
-
+from kvmesh.engine.kv_event import KVEvent, KVEventKind
 
 _NO_WORKERS: frozenset[str] = frozenset()
 
@@ -46,20 +35,18 @@ class BlockIndex:
         """Workers holding at least one hash."""
         return len(self._hashes_by_worker)
 
-    def apply(self, worker_id: str, kind: KVEventKind, block_hashes: Collection[bytes] = ()) -> None:
+    def apply(self, worker_id: str, event: KVEvent) -> None:
         """Applies one KV event of worker_id to the index.
 
         STORED adds the hashes to the worker (already held ones stay); REMOVED takes them away (ones it
-        does not hold are ignored: the index is soft state and may never have seen them stored); CLEARED takes all of the
-        worker's hashes. Raises ValueError when a CLEARED event carries hashes.
+        does not hold are ignored: the index is soft state and may never have seen them stored);
+        CLEARED takes all of the worker's hashes.
         """
-        if kind is KVEventKind.STORED:
-            self._store(worker_id, block_hashes)
-        elif kind is KVEventKind.REMOVED:
-            self._remove(worker_id, block_hashes)
+        if event.kind is KVEventKind.STORED:
+            self._store(worker_id, event.block_hashes)
+        elif event.kind is KVEventKind.REMOVED:
+            self._remove(worker_id, event.block_hashes)
         else:
-            if len(block_hashes) > 0:
-                raise ValueError("a CLEARED event carries no block hashes")
             self.drop_worker(worker_id)
 
     def drop_worker(self, worker_id: str) -> None:

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 
+class IncompatibleWorker(ValueError):
+    """A worker cannot join the mesh its live workers form (the message says why); nothing changed."""
+
+
 @dataclass
 class _Record:
     worker: WorkerInfo
@@ -39,8 +43,16 @@ class WorkerRegistry:
     def register(self, worker: WorkerInfo) -> None:
         """Adds the worker, or replaces the record with the same worker_id (a restarted worker).
 
-        Replacing is not going away: expire() will not report the old record.
+        Replacing is not going away: expire() will not report the old record. Raises IncompatibleWorker
+        when the other live workers have another block size: the gateway hashes every prompt in one.
         """
+        # The live workers share one block size: this check admitted each of them.
+        others = [w for w in self.list_workers() if w.worker_id != worker.worker_id]
+        if others and others[0].block_size != worker.block_size:
+            raise IncompatibleWorker(
+                f"worker {worker.worker_id} has block_size {worker.block_size}, the mesh's workers have "
+                f"{others[0].block_size}: give every worker the same --block-size"
+            )
         self._records[worker.worker_id] = _Record(worker, self._clock())
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:

@@ -1,45 +1,37 @@
 """gRPC edge of the cache store: kvmesh.v1.CacheStore over a WorkerRegistry and a BlockIndex.
 
-Each method decodes the request into registry and index types, calls them and encodes the reply; all
-validation of client input happens in the decode functions, so the core sees only valid workers and
-32-byte hashes.
+Each method decodes the request into registry and index types (kvmesh.mesh.convert), calls them and
+encodes the reply; the decode functions check the client's input, so the core sees only valid workers
+and 32-byte hashes. The registry alone knows whether a worker fits the mesh (its block size).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from cache_store.index import BlockIndex, KVEventKind
-from cache_store.registry import WorkerRegistry
-from kvmesh.engine.block_hash import HASH_BYTES
-from kvmesh.mesh.server import RunningServer, ServerConfig, ServiceError, start_server
-from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
+from cache_store.index import BlockIndex
+from cache_store.registry import IncompatibleWorker, WorkerRegistry
+from kvmesh.mesh.convert import (
+    block_hashes_from_proto,
+    kv_events_from_proto,
+    load_from_proto,
+    role_from_proto,
+    worker_from_proto,
+    worker_to_proto,
+)
+from kvmesh.mesh.server import RunningServer, ServerConfig, ServiceError, invalid, start_server
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = cache_store_pb2.DESCRIPTOR.services_by_name["CacheStore"].full_name
-
-_ROLE_FROM_PROTO = {
-    cache_store_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL,
-    cache_store_pb2.WORKER_ROLE_DECODE: WorkerRole.DECODE,
-}
-_ROLE_TO_PROTO = {role: value for value, role in _ROLE_FROM_PROTO.items()}
-_KIND_FROM_PROTO = {
-    cache_store_pb2.KV_EVENT_KIND_STORED: KVEventKind.STORED,
-    cache_store_pb2.KV_EVENT_KIND_REMOVED: KVEventKind.REMOVED,
-    cache_store_pb2.KV_EVENT_KIND_CLEARED: KVEventKind.CLEARED,
-}
-
-KVEventUpdate = tuple[KVEventKind, Sequence[bytes]]
-"""A decoded KV event: what happened, and to which block hashes."""
 
 
 @dataclass(frozen=True)
@@ -67,108 +59,10 @@ class CacheStoreConfig:
         return ServerConfig(host=self.host, port=self.port, grace_s=self.grace_s)
 
 
-def _invalid(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 def _not_registered(worker_id: str) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION, f"worker {worker_id} is not registered: register first"
     )
-
-
-def load_from_proto(load: cache_store_pb2.WorkerLoad, field: str) -> WorkerLoad:
-    """Decodes and checks a WorkerLoad; field names it in error messages. Raises ServiceError."""
-    for name in ("num_running", "num_waiting", "num_blocks_free", "num_blocks_total"):
-        if getattr(load, name) < 0:
-            raise _invalid(f"{field}.{name} must be >= 0, got {getattr(load, name)}")
-    if load.num_blocks_free > load.num_blocks_total:
-        raise _invalid(
-            f"{field}.num_blocks_free ({load.num_blocks_free}) exceeds "
-            f"{field}.num_blocks_total ({load.num_blocks_total})"
-        )
-    return WorkerLoad(
-        num_running=load.num_running,
-        num_waiting=load.num_waiting,
-        num_blocks_free=load.num_blocks_free,
-        num_blocks_total=load.num_blocks_total,
-    )
-
-
-def load_to_proto(load: WorkerLoad) -> cache_store_pb2.WorkerLoad:
-    return cache_store_pb2.WorkerLoad(
-        num_running=load.num_running,
-        num_waiting=load.num_waiting,
-        num_blocks_free=load.num_blocks_free,
-        num_blocks_total=load.num_blocks_total,
-    )
-
-
-def worker_from_proto(worker: cache_store_pb2.WorkerInfo, field: str = "worker") -> WorkerInfo:
-    """Decodes and checks a WorkerInfo; field names it in error messages. Raises ServiceError."""
-    if not worker.worker_id:
-        raise _invalid(f"{field}.worker_id is empty: set a unique id for the worker")
-    role = _ROLE_FROM_PROTO.get(worker.role)
-    if role is None:
-        raise _invalid(f"{field}.role must be WORKER_ROLE_PREFILL or WORKER_ROLE_DECODE")
-    if not worker.address:
-        raise _invalid(f"{field}.address is empty: set the worker's gRPC address as host:port")
-    host, sep, port = worker.address.rpartition(":")
-    if not (sep and host and port.isdigit()):
-        raise _invalid(f"{field}.address must be host:port, got {worker.address!r}")
-    if any(not t for t in worker.transports):
-        raise _invalid(f"{field}.transports holds an empty name")
-    return WorkerInfo(
-        worker_id=worker.worker_id,
-        role=role,
-        address=worker.address,
-        host_id=worker.host_id,
-        transports=tuple(worker.transports),
-        load=load_from_proto(worker.load, f"{field}.load"),
-        model_fingerprint=worker.model_fingerprint,
-    )
-
-
-def worker_to_proto(worker: WorkerInfo) -> cache_store_pb2.WorkerInfo:
-    return cache_store_pb2.WorkerInfo(
-        worker_id=worker.worker_id,
-        role=_ROLE_TO_PROTO[worker.role],
-        address=worker.address,
-        host_id=worker.host_id,
-        transports=list(worker.transports),
-        load=load_to_proto(worker.load),
-        model_fingerprint=worker.model_fingerprint,
-    )
-
-
-def block_hashes_from_proto(block_hashes: Sequence[bytes], field: str) -> Sequence[bytes]:
-    """Checks that every hash is a SHA-256 digest; field names the list in error messages.
-
-    Raises ServiceError (INVALID_ARGUMENT) naming the first bad hash.
-    """
-    for position, block_hash in enumerate(block_hashes):
-        if len(block_hash) != HASH_BYTES:
-            raise _invalid(
-                f"{field}[{position}] is {len(block_hash)} bytes: block hashes are {HASH_BYTES}-byte "
-                "SHA-256 digests from kvmesh.engine.block_hash"
-            )
-    return block_hashes
-
-
-def events_from_proto(batch: cache_store_pb2.KVEventBatch) -> list[KVEventUpdate]:
-    """Decodes and checks a batch's events, all of them before any is applied. Raises ServiceError."""
-    updates: list[KVEventUpdate] = []
-    for position, event in enumerate(batch.events):
-        field = f"events[{position}]"
-        kind = _KIND_FROM_PROTO.get(event.kind)
-        if kind is None:
-            raise _invalid(
-                f"{field}.kind must be KV_EVENT_KIND_STORED, KV_EVENT_KIND_REMOVED or KV_EVENT_KIND_CLEARED"
-            )
-        if kind is KVEventKind.CLEARED and event.block_hashes:
-            raise _invalid(f"{field}.block_hashes must be empty for KV_EVENT_KIND_CLEARED")
-        updates.append((kind, block_hashes_from_proto(event.block_hashes, f"{field}.block_hashes")))
-    return updates
 
 
 class _EventStreams:
@@ -232,7 +126,10 @@ class CacheStoreServicer(cache_store_pb2_grpc.CacheStoreServicer):
         worker = worker_from_proto(request.worker)
         # NOTE: a worker registering again keeps its hashes in the index: its event stream, if open,
         # has kept them current, and a reconnecting stream starts with the full inventory anyway.
-        self._registry.register(worker)
+        try:
+            self._registry.register(worker)
+        except IncompatibleWorker as error:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
         logger.info("registered %s worker %s at %s", worker.role.value, worker.worker_id, worker.address)
         return cache_store_pb2.RegisterReply(
             heartbeat_interval_ms=self._config.heartbeat_interval_ms, expiry_ms=self._config.expiry_ms
@@ -242,17 +139,14 @@ class CacheStoreServicer(cache_store_pb2_grpc.CacheStoreServicer):
         self, request: cache_store_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> cache_store_pb2.HeartbeatReply:
         if not request.worker_id:
-            raise _invalid("worker_id is empty: send the id the worker registered with")
+            raise invalid("worker_id is empty: send the id the worker registered with")
         known = self._registry.heartbeat(request.worker_id, load_from_proto(request.load, "load"))
         return cache_store_pb2.HeartbeatReply(known=known)
 
     async def ListWorkers(
         self, request: cache_store_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> cache_store_pb2.ListWorkersReply:
-        if request.role != cache_store_pb2.WORKER_ROLE_UNSPECIFIED and request.role not in _ROLE_FROM_PROTO:
-            raise _invalid(f"role {request.role} is not a known WorkerRole")
-        role = _ROLE_FROM_PROTO.get(request.role)
-        workers = self._registry.list_workers(role)
+        workers = self._registry.list_workers(role_from_proto(request.role, "role"))
         return cache_store_pb2.ListWorkersReply(workers=[worker_to_proto(w) for w in workers])
 
     async def PublishKVEvents(
@@ -272,19 +166,19 @@ class CacheStoreServicer(cache_store_pb2_grpc.CacheStoreServicer):
         try:
             async for batch in request_iterator:
                 if not batch.worker_id:
-                    raise _invalid("worker_id is empty: send the id the worker registered with")
+                    raise invalid("worker_id is empty: send the id the worker registered with")
                 if not worker_id:
                     worker_id = batch.worker_id
                     self._streams.add(worker_id, task)
                 elif batch.worker_id != worker_id:
-                    raise _invalid(
+                    raise invalid(
                         f"worker_id changed on the stream from {worker_id} to {batch.worker_id}: "
                         "open one stream per worker"
                     )
                 if not self._registry.is_live(worker_id):
                     raise _not_registered(worker_id)
-                for kind, block_hashes in events_from_proto(batch):
-                    self._index.apply(worker_id, kind, block_hashes)
+                for event in kv_events_from_proto(batch):
+                    self._index.apply(worker_id, event)
                 num_events += len(batch.events)
         except asyncio.CancelledError:
             if not self._streams.was_ended(task):

@@ -13,8 +13,6 @@ class DecodeConfig:
     server: ServerConfig
     model: ModelSettings
     registration: RegistrationSettings
-    max_batch_size: int = 32
-    """Most sequences decoded in one forward pass."""
     max_tokens_limit: int = 4096
     """Largest max_tokens a request may ask for."""
     require_cache_salt: bool = False

@@ -1,8 +1,9 @@
 """gRPC edge of the decode worker: kvmesh.v1.Decode over the engine and its decode loop.
 
 Generate walks one request through: validate -> reserve the prompt's blocks -> have a prefill worker
-fill them (or leave the prompt to the loop) -> join the decode loop -> stream tokens. Whatever happens,
-the `finally` hands the sequence back to the loop, which frees its blocks.
+fill them (or leave the prompt to the scheduler, which prefills it in chunks beside running streams) ->
+submit it to the engine loop -> stream tokens. Whatever happens, the `finally` hands the sequence back
+to the loop, which frees its blocks.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import torch
 from prometheus_client.registry import REGISTRY
 
 from decode_service.config import DecodeConfig
-from decode_service.driver import DecodeLoop, TokenEvent
 from decode_service.kv_fetch import PrefillClient
+from kvmesh.engine.batch import SeqOutput
 from kvmesh.engine.engine import Engine
 from kvmesh.engine.kv_cache import KVLayout, OutOfBlocks
+from kvmesh.engine.loop import EngineLoop
 from kvmesh.engine.sampling import SamplingParams
 from kvmesh.engine.sequence import Sequence
 from kvmesh.engine.speculative import DraftCursor
 from kvmesh.engine.tokenizer import Detokenizer
-from kvmesh.mesh.convert import FINISH_REASON_TO_PROTO, invalid, sampling_from_proto
+from kvmesh.mesh.convert import FINISH_REASON_TO_PROTO, sampling_from_proto
 from kvmesh.mesh.registration import join_mesh, worker_info
-from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, invalid, never_fits, start_server
 from kvmesh.mesh.telemetry import start_metrics_server, tracer
 from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
@@ -46,7 +48,7 @@ def _ms(seconds: float) -> float:
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(
-        self, engine: Engine, loop: DecodeLoop, prefill: PrefillClient, config: DecodeConfig
+        self, engine: Engine, loop: EngineLoop, prefill: PrefillClient, config: DecodeConfig
     ) -> None:
         self._engine = engine
         self._loop = loop
@@ -97,20 +99,22 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 usage.prefilled_tokens = len(seq) - seq.num_cached_tokens
             self.num_waiting -= 1
             waiting = False
-            cursor = None
             if request.draft_token_ids:
-                cursor = DraftCursor.for_edit(list(request.draft_token_ids), prompt)
+                seq.cursor = DraftCursor.for_edit(list(request.draft_token_ids), prompt)
             elif request.prompt_lookup:
-                cursor = DraftCursor.for_prompt_lookup(prompt)
-            stream = self._loop.join(seq, cursor)
-            async for chunk in self._stream_tokens(stream.events, seq, usage):
+                seq.cursor = DraftCursor.for_prompt_lookup(prompt)
+            try:
+                stream = await self._loop.submit(seq)
+            except OutOfBlocks as error:
+                raise never_fits("decode", error.num_needed, error.num_free) from error
+            async for chunk in self._stream_tokens(stream.outputs, seq, usage):
                 yield chunk
-            usage.forward_passes = stream.num_forward_passes
-            if cursor is not None:
-                usage.accepted_prediction_tokens = cursor.stats.accepted_prediction_tokens
-                usage.rejected_prediction_tokens = cursor.stats.rejected_prediction_tokens
+            usage.forward_passes = seq.num_forward_passes
+            if seq.cursor is not None:
+                usage.accepted_prediction_tokens = seq.cursor.stats.accepted_prediction_tokens
+                usage.rejected_prediction_tokens = seq.cursor.stats.rejected_prediction_tokens
             usage.ttft_ms = _ms((stream.first_token_at or arrived) - arrived)
-            usage.stage_ms.queue_ms = _ms((stream.first_step_at or arrived) - stream.joined_at)
+            usage.stage_ms.queue_ms = _ms((stream.first_step_at or arrived) - stream.submitted_at)
             usage.stage_ms.decode_ms = _ms(time.perf_counter() - (stream.first_token_at or arrived))
             if not usage.transport:
                 usage.stage_ms.prefill_ms = usage.ttft_ms
@@ -138,24 +142,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return prompt, sampling_from_proto(request.sampling, 64, self._config.max_tokens_limit)
 
     async def _stream_tokens(
-        self, events: asyncio.Queue[TokenEvent | BaseException], seq: Sequence, usage: common_pb2.Usage
+        self, outputs: asyncio.Queue[SeqOutput | BaseException], seq: Sequence, usage: common_pb2.Usage
     ) -> AsyncIterator[decode_pb2.GenerateChunk]:
-        """Token events -> chunks; whatever is queued when the client reads goes out in one message."""
+        """Pass outputs -> chunks; whatever is queued when the client reads goes out in one message."""
         detok = Detokenizer(self._engine.tokenizer, seq.params.stop_strings)
         while True:
-            batch = [await events.get()]
-            while not events.empty():
-                batch.append(events.get_nowait())
-            for event in batch:
-                if isinstance(event, OutOfBlocks):
+            batch = [await outputs.get()]
+            while not outputs.empty():
+                batch.append(outputs.get_nowait())
+            for output in batch:
+                if isinstance(output, OutOfBlocks):
                     raise ServiceError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "decode worker KV pool ran out of blocks while generating; retry on another worker",
+                        "the sequence outgrew this decode worker's KV pool; ask for fewer max_tokens",
                     )
-                if isinstance(event, BaseException):
-                    raise event
-            tokens = [e.token_id for e in batch if isinstance(e, TokenEvent)]
-            finished = any(isinstance(e, TokenEvent) and e.finish_reason is not None for e in batch)
+                if isinstance(output, BaseException):
+                    raise output
+            done = [o for o in batch if isinstance(o, SeqOutput)]
+            tokens = [t for o in done for t in o.new_token_ids]
+            finished = any(o.finish_reason is not None for o in done)
             usage.completion_tokens += len(tokens)
             text = detok.add(tokens) + (detok.flush() if finished else "")
             yield decode_pb2.GenerateChunk(token_ids=tokens, text=text)
@@ -165,7 +170,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def load(self) -> WorkerLoad:
         usage = self._engine.pool_usage()
         return WorkerLoad(
-            self._loop.num_running, self.num_waiting, usage.num_blocks_free, usage.num_blocks_total
+            self._loop.num_running,
+            self.num_waiting + self._loop.num_waiting,
+            usage.num_blocks_free,
+            usage.num_blocks_total,
         )
 
 
@@ -180,14 +188,16 @@ async def serve(config: DecodeConfig) -> RunningServer:
 
     engine = load_engine(config.model, shared_storage if "shm" in config.registration.transports else None)
     engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
-    loop = DecodeLoop(engine, config.max_batch_size)
+    loop = EngineLoop(engine)
     prefill = PrefillClient(engine, shared[0].name if shared else "", config.registration.host_id)
     servicer = DecodeServicer(engine, loop, prefill, config)
     running = await start_server(
         [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], [SERVICE_NAME], config.server
     )
     running.add_background_task(loop.start())
-    worker = worker_info(config.registration, WorkerRole.DECODE, running.port, engine.model_fingerprint)
+    worker = worker_info(
+        config.registration, WorkerRole.DECODE, running.port, engine.model_fingerprint, engine.block_size
+    )
     join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
     running.add_background_task(asyncio.create_task(prefill.close_on_cancel()))
     for handle in shared:

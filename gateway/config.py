@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.routing_cost import TRANSPORT_CHOICES, RoutingConfig
+from gateway.routing_cost import RoutingConfig
 from kvmesh.mesh.server import ServerConfig
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
+    """The gateway's settings; the block size is not one of them: the gateway uses the workers'."""
+
     server: ServerConfig
     """Where the public gRPC server listens."""
     cache_store_address: str
@@ -29,45 +31,16 @@ class GatewayConfig:
     """Deadline of a request whose client set none, in seconds."""
     refresh_ms: int = 500
     """How often the worker list is re-read from the cache store, in milliseconds."""
-    use_prefill_min_tokens: int = 0
-    """Prompts shorter than this many tokens are prefilled by the decode worker itself; 0: a prefill worker
-    is used whenever one is registered."""
-    transport: str = "auto"
-    """KV transport between prefill and decode worker: "auto" (shm on the same host, else grpc), "shm"
-    (only prefill workers on the decode worker's host are used) or "grpc"."""
     max_attempts: int = 3
     """Tries per request when a worker is UNAVAILABLE, the first one included."""
     metrics_port: int | None = None
     """Prometheus metrics port; None: no metrics server."""
     api_keys_file: str | None = None
     """JSON file of API keys, tenants and sharing groups (gateway.tenancy); None: multi-tenancy off."""
-    block_size: int = 16
-    """Tokens per KV block for hashing prompts. NOTE: must equal the workers' --block-size; a mismatch
-    is not an error, but no prefix is ever found in the cache store."""
-    disagg_min_tokens: int = 256
-    """An uncached part shorter than this (and than disagg_min_fraction of the prompt) is prefilled by
-    the decode worker itself, in tokens."""
-    disagg_min_fraction: float = 0.25
-    """An uncached part below this fraction of the prompt (and below disagg_min_tokens) stays local."""
-    decode_load_weight: float = 1.0
-    """Routing cost of one request of decode load, in blocks of prefill."""
-    max_load_imbalance: int = 4
-    """A decode worker more than this many requests busier than the least loaded one is not chosen,
-    however long a cached prefix it holds."""
+    routing: RoutingConfig = RoutingConfig()
+    """The cost model's knobs (gateway.routing_cost); it checks its own fields."""
     lookup_timeout_ms: int = 100
     """Deadline of the cache store Lookup, in milliseconds; past it the request routes by load alone."""
-
-    def routing(self) -> RoutingConfig:
-        """The cost model's part of this config."""
-        return RoutingConfig(
-            block_size=self.block_size,
-            disagg_min_tokens=self.disagg_min_tokens,
-            disagg_min_fraction=self.disagg_min_fraction,
-            decode_load_weight=self.decode_load_weight,
-            max_load_imbalance=self.max_load_imbalance,
-            use_prefill_min_tokens=self.use_prefill_min_tokens,
-            transport=self.transport,
-        )
 
     def __post_init__(self) -> None:
         if not self.cache_store_address:
@@ -85,16 +58,9 @@ class GatewayConfig:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.refresh_ms <= 0:
             raise ValueError(f"refresh_ms must be positive, got {self.refresh_ms}")
-        if self.use_prefill_min_tokens < 0:
-            raise ValueError(f"use_prefill_min_tokens must be >= 0, got {self.use_prefill_min_tokens}")
-        if self.transport not in TRANSPORT_CHOICES:
-            raise ValueError(
-                f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}"
-            )
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.lookup_timeout_ms <= 0:
             raise ValueError(f"lookup_timeout_ms must be positive, got {self.lookup_timeout_ms}")
         if self.api_keys_file == "":
             raise ValueError("api_keys_file is empty: give a path, or leave it unset for no multi-tenancy")
-        self.routing()  # the cost model checks its own fields

@@ -94,10 +94,6 @@ class ResumableGeneration:
             self._stop_token_ids.update(eos_token_ids)
         self.num_attempts = 0
 
-    @property
-    def num_sent_tokens(self) -> int:
-        return len(self._sent_token_ids)
-
     async def chunks(self) -> AsyncGenerator[decode_pb2.GenerateChunk, None]:
         """Chunks to forward to the client, the last one with finish_reason and usage set.
 

@@ -1,8 +1,9 @@
 """Which worker holds how much of a prompt: block hashes, then the cache store's Lookup.
 
-The prompt's full blocks are hashed with kvmesh.engine.block_hash (the one function every role uses), in the
-namespace of the model fingerprint and the tenant's salt, so a worker's hits are its own model's KV of
-this tenant's prompts. Workers of different fingerprints (a rollout in progress) get one Lookup each.
+The prompt's full blocks (of the block size the workers advertise) are hashed with kvmesh.engine.block_hash
+(the one function every role uses), in the namespace of the model fingerprint and the tenant's salt, so a
+worker's hits are its own model's KV of this tenant's prompts. Workers of different fingerprints (a
+rollout in progress) get one Lookup each.
 
 The cache store is soft state and an optimization: when it fails or is slow, the answer is "no hits"
 and the request routes by load alone. After a lookup ran into its deadline, lookups are skipped for
@@ -46,37 +47,32 @@ class PrefixLookup:
     def __init__(
         self,
         channel: Callable[[], grpc.aio.Channel],
-        block_size: int,
         timeout_s: float,
         backoff_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """channel: returns the (shared) channel to the cache store. timeout_s: each Lookup's deadline."""
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
         self._channel = channel
-        self._block_size = block_size
         self._timeout_s = timeout_s
         self._backoff_s = backoff_s
         self._clock = clock
         self._skip_until = 0.0
 
-    @property
-    def block_size(self) -> int:
-        return self._block_size
-
-    def block_hashes(self, model_fingerprint: str, cache_salt: str, token_ids: Sequence[int]) -> list[bytes]:
-        """The chained hashes of the prompt's full blocks, as the workers compute them."""
-        return hash_blocks(namespace_hash(model_fingerprint, cache_salt), token_ids, self._block_size)
-
     async def find(
-        self, token_ids: Sequence[int], cache_salt: str, workers: Iterable[tuple[str, str]]
+        self,
+        token_ids: Sequence[int],
+        cache_salt: str,
+        workers: Iterable[tuple[str, str]],
+        block_size: int,
     ) -> LookupResult:
-        """Leading blocks held per worker. workers: (worker_id, model_fingerprint) of the candidates.
+        """Leading blocks held per worker. workers: (worker_id, model_fingerprint) of the candidates;
+        block_size: the tokens per KV block they advertise, which the prompt is hashed in.
 
         Never raises for a cache store problem: it answers no hits, with status "failed".
         """
-        num_prompt_blocks = len(token_ids) // self._block_size
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        num_prompt_blocks = len(token_ids) // block_size
         by_fingerprint: dict[str, set[str]] = {}
         for worker_id, fingerprint in workers:
             by_fingerprint.setdefault(fingerprint, set()).add(worker_id)
@@ -92,7 +88,9 @@ class PrefixLookup:
                 *(
                     stub.Lookup(
                         cache_store_pb2.LookupRequest(
-                            block_hashes=self.block_hashes(fingerprint, cache_salt, token_ids)
+                            block_hashes=hash_blocks(
+                                namespace_hash(fingerprint, cache_salt), token_ids, block_size
+                            )
                         ),
                         timeout=self._timeout_s,
                     )

@@ -1,10 +1,10 @@
 """The gateway's view of the workers: who is live, how loaded, and a channel to each.
 
 The cache store is the source of truth for who is live (workers register and heartbeat there); the pool
-re-reads it every refresh_ms; snapshot() hands the workers and their loads to the cost model
-(gateway.routing_cost), and pick() chooses the least loaded worker of a role. Reported loads are only as
-fresh as the last heartbeat, so the pool also counts the requests this gateway has in flight to each
-worker: a burst between two heartbeats spreads out instead of piling onto one worker.
+re-reads it every refresh_ms; snapshot() hands the workers, their loads and their block size to the cost
+model (gateway.routing_cost), which chooses. Reported loads are only as fresh as the last heartbeat, so the
+pool also counts the requests this gateway has in flight to each worker: a burst between two heartbeats
+spreads out instead of piling onto one worker.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import grpc
 import grpc.aio
 from opentelemetry import trace
 
-from cache_store.server import worker_from_proto
 from gateway.prefix_lookup import PrefixLookup
 from gateway.routing_cost import Candidate, PoolSnapshot, RoutePlan, RoutingConfig, plan_route
+from kvmesh.mesh.convert import worker_from_proto
 from kvmesh.mesh.server import ServiceError
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.mesh.workers import WorkerInfo, WorkerRole
@@ -48,7 +48,7 @@ class WorkerPool:
     """Live workers by role, refreshed from the cache store's ListWorkers in a background task.
 
     Between refreshes the list may hold a worker that just died; callers exclude a worker that failed
-    them (pick's exclude) rather than waiting for the next refresh.
+    them (plan_route's exclude) rather than waiting for the next refresh.
     """
 
     def __init__(
@@ -60,6 +60,7 @@ class WorkerPool:
         self._refresh_s = refresh_ms / 1000.0
         self._channel_options = list(channel_options)
         self._workers: list[WorkerInfo] = []
+        self._block_size: int | None = None
         self._in_flight: dict[str, _InFlight] = {}  # by worker_id
         self._channels: dict[str, grpc.aio.Channel] = {}  # by address
         self._stale_channels: list[grpc.aio.Channel] = []
@@ -114,13 +115,26 @@ class WorkerPool:
         if self._refresh_failing:
             logger.info("cache store at %s answers again", self._cache_store_address)
         self._refresh_failing = False
-        self.update(_decode_workers(reply.workers))
+        try:
+            self.update(_decode_workers(reply.workers))
+        except ValueError as error:
+            logger.error("keeping the last known workers: %s", error)
+            return False
         await self._close_stale_channels()
         return True
 
     def update(self, workers: Iterable[WorkerInfo]) -> None:
-        """Replaces the worker list (refresh calls it; tests call it directly)."""
-        self._workers = sorted(workers, key=lambda worker: worker.worker_id)
+        """Replaces the worker list (refresh calls it; tests call it directly).
+
+        Raises ValueError, changing nothing, when the workers advertise different block sizes (the cache
+        store refuses such a worker, so only a broken store sends them).
+        """
+        workers = sorted(workers, key=lambda worker: worker.worker_id)
+        block_sizes = {worker.block_size for worker in workers}
+        if len(block_sizes) > 1:
+            raise ValueError(f"the workers advertise different block sizes: {sorted(block_sizes)}")
+        self._workers = workers
+        self._block_size = block_sizes.pop() if block_sizes else None
         # NOTE: a channel is closed only once no live worker has its address and no call uses it:
         # closing a channel cancels its calls, and a worker that misses one heartbeat may still stream.
         live = {worker.address for worker in self._workers}
@@ -128,11 +142,17 @@ class WorkerPool:
         for address in [a for a in self._channels if a not in live and a not in busy]:
             self._stale_channels.append(self._channels.pop(address))
 
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per KV block that the live workers advertise (all alike); None while no worker is known."""
+        return self._block_size
+
     def snapshot(self) -> PoolSnapshot:
         """The live workers with their loads now, for plan_route; not updated by later changes."""
         return PoolSnapshot(
             decode=tuple(Candidate(w, self.load(w)) for w in self.workers(WorkerRole.DECODE)),
             prefill=tuple(Candidate(w, self.load(w)) for w in self.workers(WorkerRole.PREFILL)),
+            block_size=self._block_size or 0,
         )
 
     def store_channel(self) -> grpc.aio.Channel:
@@ -149,23 +169,10 @@ class WorkerPool:
         """Every live worker, ordered by worker_id."""
         return list(self._workers)
 
-    def pick(self, role: WorkerRole, exclude: AbstractSet[str] = frozenset()) -> WorkerInfo | None:
-        """The least loaded live worker of role whose worker_id is not in exclude; None when there is none.
-
-        Load is the worker's reported running + waiting requests plus this gateway's requests in flight
-        to it; ties go to the worker with the most free KV blocks, then to the lowest worker_id. The
-        result is not reserved: enter in_flight(worker) before the next await, or a burst of picks all
-        land on the same worker.
-        """
-        candidates = [w for w in self.workers(role) if w.worker_id not in exclude]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda w: (self.load(w), -w.load.num_blocks_free, w.worker_id))
-
     def load(self, worker: WorkerInfo) -> int:
         """Reported running + waiting requests plus this gateway's in-flight requests to the worker."""
         # NOTE: this counts a request twice once a heartbeat reports it; the overcount is the same kind on
-        # every worker, so the order of picks stays right, and it never hides a burst the way max() would.
+        # every worker, so the order of routes stays right, and it never hides a burst the way max() would.
         return worker.load.num_running + worker.load.num_waiting + self.num_in_flight(worker.worker_id)
 
     def num_in_flight(self, worker_id: str) -> int:
@@ -203,13 +210,10 @@ class WorkerPool:
 
 
 class Router:
-    """Plans routes: hashes the prompt, asks the cache store who holds it, then plan_route."""
+    """Plans routes: hashes the prompt in the workers' block size, asks the cache store who holds it, then
+    plan_route."""
 
     def __init__(self, pool: WorkerPool, lookup: PrefixLookup, config: RoutingConfig) -> None:
-        if lookup.block_size != config.block_size:
-            raise ValueError(
-                f"lookup block size {lookup.block_size} != routing block size {config.block_size}"
-            )
         self._pool = pool
         self._lookup = lookup
         self._config = config
@@ -220,9 +224,12 @@ class Router:
     ) -> RoutePlan | None:
         """The route for a prompt, None without decode workers. The decision and its inputs become
         attributes of the current span (the request's "route" span); the lookup is a child span."""
+        block_size = self._pool.block_size
+        if block_size is None:
+            return None
         workers = [(w.worker_id, w.model_fingerprint) for w in self._pool.workers_of_all_roles()]
         with self._tracer.start_as_current_span("cache_lookup") as lookup_span:
-            found = await self._lookup.find(token_ids, cache_salt, workers)
+            found = await self._lookup.find(token_ids, cache_salt, workers, block_size)
             lookup_span.set_attributes(
                 {
                     "kvmesh.cache_lookup": found.status,
@@ -232,7 +239,11 @@ class Router:
                 }
             )
         # Taken after the lookup's await, so loads include requests routed meanwhile.
-        plan = plan_route(self._pool.snapshot(), found.cached_blocks, len(token_ids), self._config, exclude)
+        snapshot = self._pool.snapshot()
+        # NOTE: hits count blocks of the size the prompt was hashed in; should the mesh have turned over
+        # to workers of another block size meanwhile, they would count the wrong blocks.
+        cached_blocks = found.cached_blocks if snapshot.block_size == block_size else {}
+        plan = plan_route(snapshot, cached_blocks, len(token_ids), self._config, exclude)
         span = trace.get_current_span()
         span.set_attribute("kvmesh.cache_lookup", found.status)
         if plan is not None:

@@ -2,16 +2,17 @@
 
     plan_route(pool snapshot, prefix hits, prompt length, config) -> RoutePlan
 
-Inputs are a frozen snapshot of the live workers with their loads (WorkerPool.snapshot()) and, per
-worker, how many leading blocks of this prompt it already holds (the cache store's Lookup). The rules:
+Inputs are a frozen snapshot of the live workers with their loads and the block size they advertise
+(WorkerPool.snapshot()) and, per worker, how many leading blocks of this prompt it already holds (the
+cache store's Lookup). The rules:
 
 1. Decode worker. Among the decode workers not excluded, the ones whose load exceeds the least loaded
    one's by more than max_load_imbalance are overloaded and left out, so a hot prefix spreads instead
    of piling onto one worker. Of the rest, the one holding the longest prefix of the prompt wins; ties
    go to the lower total cost (below), then to the lower load, the most free blocks, the lowest id.
 2. Prefill. The decode worker's need is the prompt tokens it does not hold. A short need (below
-   disagg_min_tokens AND below disagg_min_fraction of the prompt) is prefilled by the decode worker
-   itself: conditional disaggregation. Otherwise the prefill worker minimizing (blocks it must compute,
+   disagg_min_tokens, whatever fraction of the prompt it is) is prefilled by the decode worker itself,
+   in chunks that share forward passes with its running streams: conditional disaggregation. Otherwise the prefill worker minimizing (blocks it must compute,
    i.e. prompt blocks it does not hold itself) * (1 + its load) computes it and ships the KV.
 3. Cost of a pair: decode_load_weight * decode load + prefill cost, the prefill cost being blocks to
    compute * (1 + load) of whichever worker computes them.
@@ -54,13 +55,8 @@ class Route:
 class RoutingConfig:
     """The cost model's knobs."""
 
-    block_size: int = 16
-    """Tokens per KV block; must equal the workers' block size, or no prefix is ever found."""
     disagg_min_tokens: int = 256
-    """An uncached part shorter than this many tokens (and than disagg_min_fraction of the prompt) is
-    prefilled by the decode worker itself."""
-    disagg_min_fraction: float = 0.25
-    """An uncached part below this fraction of the prompt (and below disagg_min_tokens) stays local."""
+    """An uncached part shorter than this many tokens is prefilled by the decode worker itself."""
     decode_load_weight: float = 1.0
     """Cost of one request of decode load, in blocks of prefill."""
     max_load_imbalance: int = 4
@@ -72,12 +68,8 @@ class RoutingConfig:
     """"auto" (shm on the same host, else grpc), "shm" (only same-host prefill workers) or "grpc"."""
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.disagg_min_tokens < 0:
             raise ValueError(f"disagg_min_tokens must be >= 0, got {self.disagg_min_tokens}")
-        if not 0.0 <= self.disagg_min_fraction <= 1.0:
-            raise ValueError(f"disagg_min_fraction must be in [0, 1], got {self.disagg_min_fraction}")
         if self.decode_load_weight < 0:
             raise ValueError(f"decode_load_weight must be >= 0, got {self.decode_load_weight}")
         if self.max_load_imbalance < 0:
@@ -105,10 +97,17 @@ class Candidate:
 
 @dataclass(frozen=True)
 class PoolSnapshot:
-    """The live workers by role, each ordered by worker_id."""
+    """The live workers by role, each ordered by worker_id, and the block size they all advertise."""
 
     decode: tuple[Candidate, ...] = ()
     prefill: tuple[Candidate, ...] = ()
+    block_size: int = 0
+    """Tokens per KV block of every worker here (the cache store admits no other); 0 without workers."""
+
+    def __post_init__(self) -> None:
+        sizes = {c.worker.block_size for c in (*self.decode, *self.prefill)}
+        if sizes - {self.block_size}:
+            raise ValueError(f"workers advertise block sizes {sorted(sizes)}, the snapshot {self.block_size}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +174,8 @@ class _Prompt:
     """What plan_route knows of the prompt: its length and who holds how much of it."""
 
     num_tokens: int
+    block_size: int
+    """Tokens per KV block, the workers'."""
     num_blocks: int
     cached_blocks: Mapping[str, int]
 
@@ -199,7 +200,9 @@ def plan_route(
     decode = [c for c in snapshot.decode if c.worker_id not in exclude] or list(snapshot.decode)
     if not decode:
         return None
-    prompt = _Prompt(num_prompt_tokens, num_prompt_tokens // config.block_size, cached_blocks)
+    prompt = _Prompt(
+        num_prompt_tokens, snapshot.block_size, num_prompt_tokens // snapshot.block_size, cached_blocks
+    )
     min_load = min(c.load for c in decode)
     eligible = [c for c in decode if c.load - min_load <= config.max_load_imbalance]
     num_overloaded = len(decode) - len(eligible)
@@ -225,7 +228,7 @@ def _plan_for(
     num_overloaded: int,
 ) -> RoutePlan:
     """The best plan with this decode worker."""
-    block_size = config.block_size
+    block_size = prompt.block_size
     decode_cached = prompt.cached(decode)
     plan = RoutePlan(
         route=Route(decode.worker),
@@ -245,10 +248,7 @@ def _plan_for(
     need_tokens = prompt.num_tokens - decode_cached * block_size
     if prompt.num_tokens < config.use_prefill_min_tokens:
         return replace(plan, prefill_reason="short-prompt")
-    if (
-        need_tokens < config.disagg_min_tokens
-        and need_tokens < config.disagg_min_fraction * prompt.num_tokens
-    ):
+    if need_tokens < config.disagg_min_tokens:
         return replace(plan, prefill_reason="short-uncached")
     candidates = [
         c

@@ -8,8 +8,8 @@ downstream statuses pass through the shared error interceptor unchanged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -32,8 +32,10 @@ from gateway.routing_cost import RoutePlan
 from gateway.tenancy import Authenticator, Identity, TenantKeys
 from kvmesh.engine.loader import load_model_config
 from kvmesh.engine.model_config import ModelConfig
+from kvmesh.engine.sampling import SamplingParams
 from kvmesh.engine.tokenizer import Tokenizer
-from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, start_server
+from kvmesh.mesh.convert import sampling_from_proto, sampling_to_proto
+from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, invalid, start_server
 from kvmesh.mesh.telemetry import meter, start_metrics_server, tracer
 from kvmesh.mesh.workers import WorkerRole
 from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc
@@ -54,8 +56,8 @@ EDIT_SLACK_TOKENS = 64
 file is about as long as the original, plus what the snippet adds."""
 
 
-def _invalid(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _no_decode_worker() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered; try again later")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -97,7 +99,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         with self._tracer.start_as_current_span("route") as span:
             num_chars = len(prefix) + len(suffix) + len(request.context)
             prompt = await self._tokenize(
-                lambda: self._lay_out_completion(prefix, suffix, request.context, sampling.max_tokens),
+                lambda: self._lay_out_completion(prefix, suffix, request.context, sampling.max_new_tokens),
                 num_chars,
             )
             span.set_attribute("kvmesh.prefix_tokens_dropped", prompt.num_prefix_tokens_dropped)
@@ -118,9 +120,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._check_size(request.ByteSize())
         sampling = self._sampling(request.sampling)
         if not request.original:
-            raise _invalid("original is empty: send the code to rewrite")
+            raise invalid("original is empty: send the code to rewrite")
         if len(request.snippet) > self._config.max_snippet_chars:
-            raise _invalid(
+            raise invalid(
                 f"snippet is {len(request.snippet)} characters, more than the limit of "
                 f"{self._config.max_snippet_chars} (max_snippet_chars): send only the changed region, with "
                 '"... existing code ..." markers for what stays'
@@ -130,7 +132,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             prompt = await self._tokenize(
                 lambda: self._layout.edit(request.original, request.snippet), num_chars
             )
-            self._fit_edit(prompt, request.sampling.max_tokens, sampling)
+            sampling = self._fit_edit(prompt, request.sampling.max_tokens, sampling)
             draft = prompt.draft_token_ids if request.speculative else []
             generation = await self._start(prompt.token_ids, draft, sampling, identity, span, context)
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
@@ -139,10 +141,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield chunk
 
     def _fit_edit(
-        self, prompt: EditPrompt, requested_max_tokens: int, sampling: common_pb2.SamplingParams
-    ) -> None:
+        self, prompt: EditPrompt, requested_max_tokens: int, sampling: SamplingParams
+    ) -> SamplingParams:
         """Checks an edit against the model's context; an edit that leaves max_tokens at 0 may write as many
-        tokens as the original has plus EDIT_SLACK_TOKENS (the whole updated file), within the context."""
+        tokens as the original has plus EDIT_SLACK_TOKENS (the whole updated file), within the context.
+        Returns sampling with that max_new_tokens."""
         context_tokens = self._model_config.max_position_embeddings
         num_prompt = len(prompt.token_ids)
         num_original = len(prompt.draft_token_ids)
@@ -153,13 +156,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if requested_max_tokens
                 else f"an updated file about as long as the original ({num_original} tokens)"
             )
-            raise _invalid(
+            raise invalid(
                 f"original is {num_original} tokens: the edit prompt (original, snippet and markers) is "
                 f"{num_prompt} tokens and {answer} must fit beside it in the model's context of "
                 f"{context_tokens} tokens; send only the part of the file the edit touches"
             )
-        if not requested_max_tokens:
-            sampling.max_tokens = min(context_tokens - num_prompt, num_original + EDIT_SLACK_TOKENS)
+        if requested_max_tokens:
+            return sampling
+        max_new_tokens = min(context_tokens - num_prompt, num_original + EDIT_SLACK_TOKENS)
+        return dataclasses.replace(sampling, max_new_tokens=max_new_tokens)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
         # NOTE: any cache salt the client sends (x-kvmesh-cache-salt or otherwise) is never read: the
@@ -169,19 +174,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _lay_out_completion(
         self, prefix: str, suffix: str, context: str, max_tokens: int
     ) -> CompletionPrompt:
+        block_size = self._pool.block_size
+        if block_size is None:  # no worker is known yet
+            raise _no_decode_worker()
         context_tokens = self._model_config.max_position_embeddings
         limit = context_tokens - max_tokens
         try:
+            # Windows move in whole blocks of the workers' size, so consecutive requests share cached blocks.
             return self._layout.completion_window(
                 prefix,
                 suffix,
                 context,
                 max_prompt_tokens=limit,
-                block_size=self._config.block_size,
+                block_size=block_size,
                 min_window_tokens=context_tokens // MIN_WINDOW_DIVISOR,
             )
         except PromptTooLong as error:
-            raise _invalid(
+            raise invalid(
                 f"prompt has {error.num_tokens} tokens, more than the limit of {limit}: the model's context "
                 f"is {context_tokens} tokens and sampling.max_tokens takes {max_tokens} of them, and a long "
                 f"document is cut to a window around the cursor only when the context and max_tokens leave "
@@ -191,41 +200,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _check_size(self, num_bytes: int) -> None:
         limit = self._config.max_request_bytes
         if num_bytes > limit:
-            raise _invalid(
+            raise invalid(
                 f"request is {num_bytes} bytes, more than the limit of {limit} bytes (max_request_bytes): "
                 "send less code or context"
             )
 
-    def _sampling(self, sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
-        """Checks the client's sampling and fills in defaults; the result goes to the decode worker."""
-        limit = self._config.max_tokens_limit
-        if not 0 <= sampling.max_tokens <= limit:
-            raise _invalid(
-                f"sampling.max_tokens must be between 0 and {limit} (0 means the default, "
-                f"{self._config.default_max_tokens}), got {sampling.max_tokens}"
-            )
-        if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
-            raise _invalid(
-                f"sampling.temperature must be a finite number >= 0 (0 means greedy), got {sampling.temperature}"
-            )
-        if not (math.isfinite(sampling.top_p) and 0 <= sampling.top_p <= 1):
-            raise _invalid(f"sampling.top_p must be in (0, 1] (0 means unset, i.e. 1), got {sampling.top_p}")
-        if sampling.top_k < 0:
-            raise _invalid(f"sampling.top_k must be >= 0 (0 means off), got {sampling.top_k}")
+    def _sampling(self, sampling: common_pb2.SamplingParams) -> SamplingParams:
+        """The client's sampling, checked (SamplingParams checks the values; the limits here are this
+        gateway's and its model's) and with defaults filled in."""
+        params = sampling_from_proto(sampling, self._config.default_max_tokens, self._config.max_tokens_limit)
         vocab_size = self._model_config.vocab_size
-        for i, token_id in enumerate(sampling.stop_token_ids):
+        for i, token_id in enumerate(params.stop_token_ids):
             if not 0 <= token_id < vocab_size:
-                raise _invalid(
+                raise invalid(
                     f"sampling.stop_token_ids[{i}] is {token_id}, outside the vocabulary (0 to {vocab_size - 1})"
                 )
-        if any(not stop for stop in sampling.stop_strings):
-            raise _invalid("sampling.stop_strings holds an empty string")
-        resolved = common_pb2.SamplingParams()
-        resolved.CopyFrom(sampling)
-        resolved.max_tokens = sampling.max_tokens or self._config.default_max_tokens
-        # proto3 cannot tell an unset float from 0, and top_p = 0 would keep no token at all.
-        resolved.top_p = sampling.top_p or 1.0
-        return resolved
+        if any(not stop for stop in params.stop_strings):
+            raise invalid("sampling.stop_strings holds an empty string")
+        return params
 
     async def _tokenize(self, lay_out: Callable[[], T], num_chars: int) -> T:
         if num_chars > _TOKENIZE_IN_THREAD_CHARS:
@@ -236,7 +228,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self,
         token_ids: list[int],
         draft_token_ids: list[int],
-        sampling: common_pb2.SamplingParams,
+        sampling: SamplingParams,
         identity: Identity,
         span: trace.Span,
         context: grpc.aio.ServicerContext,
@@ -244,11 +236,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> ResumableGeneration:
         """Checks the prompt against the model's context and routes its first attempt."""
         context_tokens = self._model_config.max_position_embeddings
-        limit = context_tokens - sampling.max_tokens
+        limit = context_tokens - sampling.max_new_tokens
         if len(token_ids) > limit:
-            raise _invalid(
+            raise invalid(
                 f"prompt has {len(token_ids)} tokens, more than the limit of {limit}: the model's context is "
-                f"{context_tokens} tokens and sampling.max_tokens takes {sampling.max_tokens} of them; "
+                f"{context_tokens} tokens and sampling.max_tokens takes {sampling.max_new_tokens} of them; "
                 "send less code or lower sampling.max_tokens"
             )
         salt = identity.cache_salt
@@ -258,11 +250,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         first = await plan(token_ids, frozenset())
         if first is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered; try again later")
+            raise _no_decode_worker()
         request = decode_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex,
             prompt_token_ids=token_ids,
-            sampling=sampling,
+            sampling=sampling_to_proto(sampling),
             draft_token_ids=draft_token_ids,
             prompt_lookup=prompt_lookup,
             cache_salt=salt,
@@ -312,9 +304,9 @@ def _cursor_text(request: gateway_pb2.CompleteRequest) -> tuple[str, str]:
         try:
             return split_document(document.text, document.line, document.column)
         except ValueError as error:
-            raise _invalid(str(error)) from None
+            raise invalid(str(error)) from None
     if not request.prefix and not request.suffix:
-        raise _invalid("prefix, suffix and document.text are all empty: send the code around the cursor")
+        raise invalid("prefix, suffix and document.text are all empty: send the code around the cursor")
     return request.prefix, request.suffix
 
 
@@ -357,8 +349,8 @@ async def serve(config: GatewayConfig) -> RunningServer:
         logger.info("multi-tenancy on: %d API key(s) from %s", keys.num_keys, config.api_keys_file)
     pool = WorkerPool(config.cache_store_address, config.refresh_ms, channel_options)
     await pool.start()
-    lookup = PrefixLookup(pool.store_channel, config.block_size, config.lookup_timeout_ms / 1000.0)
-    router = Router(pool, lookup, config.routing())
+    lookup = PrefixLookup(pool.store_channel, config.lookup_timeout_ms / 1000.0)
+    router = Router(pool, lookup, config.routing)
     servicer = GatewayServicer(config, pool, router, Authenticator(keys), tokenizer, model_config)
     try:
         running = await start_server(

@@ -2,15 +2,14 @@
 
 Prefill computes a prompt's KV in this worker's own pool, a chunk per forward pass, then ships the
 blocks to the decode worker's reserved blocks: written straight into its shared-memory pool ("shm"),
-or streamed back as checksummed chunks ("grpc"). One prompt computes at a time; a cancelled request
-stops at the next chunk boundary.
+or streamed back as checksummed chunks ("grpc"). Prompts are computed by the engine loop's scheduler,
+several per forward pass within its token budget; a cancelled request leaves at the next pass boundary,
+and its blocks are freed there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -19,10 +18,11 @@ from prometheus_client.registry import REGISTRY
 
 from kvmesh.engine.engine import Engine
 from kvmesh.engine.kv_cache import OutOfBlocks, num_blocks_for_tokens
+from kvmesh.engine.loop import EngineLoop
 from kvmesh.engine.sequence import Sequence
-from kvmesh.mesh.convert import invalid, layout_from_proto
+from kvmesh.mesh.convert import layout_from_proto
 from kvmesh.mesh.registration import join_mesh, worker_info
-from kvmesh.mesh.server import RunningServer, ServiceError, start_server
+from kvmesh.mesh.server import RunningServer, invalid, never_fits, start_server
 from kvmesh.mesh.telemetry import start_metrics_server, tracer
 from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
@@ -38,18 +38,13 @@ _tracer = tracer(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: Engine, config: PrefillConfig) -> None:
+    def __init__(self, engine: Engine, loop: EngineLoop, config: PrefillConfig) -> None:
         self._engine = engine
+        self._loop = loop
         self._config = config
-        # NOTE: the engine is single-threaded: one prompt computes at a time, and blocks are only
-        # reserved or freed under this lock, never while another request's chunk runs in a thread.
-        self._lock = asyncio.Lock()
         self._senders = {
             name: make_sender(name) for name in ("shm",) if name in config.registration.transports
         }
-        self._pending_frees: set[asyncio.Future[None]] = set()
-        self.num_running = 0
-        self.num_waiting = 0
 
     async def Prefill(  # noqa: N802 (generated name)
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -57,18 +52,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         dest = self._destination(request)
         seq: Sequence | None = None
         try:
-            self.num_waiting += 1
-            try:
-                await self._lock.acquire()
-            finally:
-                self.num_waiting -= 1
-            self.num_running += 1
-            try:
-                seq = self._new_sequence(request)
-                prefill_ms = await self._compute(seq)
-            finally:
-                self.num_running -= 1
-                self._lock.release()
+            seq = await self._loop.call(lambda: self._new_sequence(request), undo=self._loop.release_soon)
+            prefill_ms = await self._compute(seq)
             dest_first = request.destination.first_block
             with _tracer.start_as_current_span("ship") as span:
                 span.set_attribute("kvmesh.transport", dest.transport)
@@ -100,7 +85,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
         finally:
             if seq is not None:
-                self._free(seq)
+                self._loop.release_soon(seq)
 
     def _destination(self, request: prefill_pb2.PrefillRequest) -> KVDestination:
         if not request.token_ids:
@@ -131,50 +116,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     def _new_sequence(self, request: prefill_pb2.PrefillRequest) -> Sequence:
         try:
-            return self._engine.add_sequence(list(request.token_ids), cache_salt=request.cache_salt)
+            seq = self._engine.add_sequence(list(request.token_ids), cache_salt=request.cache_salt)
         except ValueError as error:
             raise invalid(f"token_ids: {error}") from error
+        seq.prefill_only = True
+        return seq
 
     async def _compute(self, seq: Sequence) -> float:
-        """Reserve seq's blocks and compute its KV, a chunk per forward pass; returns milliseconds."""
-        try:
-            self._engine.reserve(seq, len(seq))
-        except OutOfBlocks as error:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"prefill worker KV pool is full ({error.num_needed} blocks needed, {error.num_free} free)",
-            ) from error
-        cancelled = threading.Event()
-
-        def run() -> None:
-            while seq.num_uncomputed_tokens and not cancelled.is_set():
-                self._engine.step([seq])
-
+        """Have the engine loop compute seq's KV (in chunks, beside other prompts); returns milliseconds."""
         started = time.perf_counter()
         with _tracer.start_as_current_span("prefill") as span:
             span.set_attribute("kvmesh.num_tokens", len(seq))
-            worker = asyncio.ensure_future(asyncio.to_thread(run))
             try:
-                await asyncio.shield(worker)
-            except asyncio.CancelledError:
-                # The thread stops at its next chunk; the lock stays held until it has.
-                cancelled.set()
-                await asyncio.wait([worker])
-                raise
+                stream = await self._loop.submit(seq)
+            except OutOfBlocks as error:
+                raise never_fits("prefill", error.num_needed, error.num_free) from error
+            outcome = await stream.outputs.get()
+            if isinstance(outcome, BaseException):
+                raise outcome
         return (time.perf_counter() - started) * 1000.0
-
-    def _free(self, seq: Sequence) -> None:
-        if not self._lock.locked():
-            self._engine.free(seq)
-            return
-
-        async def free_when_idle() -> None:
-            async with self._lock:
-                self._engine.free(seq)
-
-        task = asyncio.ensure_future(free_when_idle())
-        self._pending_frees.add(task)
-        task.add_done_callback(self._pending_frees.discard)
 
     def close(self) -> None:
         for sender in self._senders.values():
@@ -182,18 +142,24 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     def load(self) -> WorkerLoad:
         usage = self._engine.pool_usage()
-        return WorkerLoad(self.num_running, self.num_waiting, usage.num_blocks_free, usage.num_blocks_total)
+        return WorkerLoad(
+            self._loop.num_running, self._loop.num_waiting, usage.num_blocks_free, usage.num_blocks_total
+        )
 
 
 async def serve(config: PrefillConfig) -> RunningServer:
     """Load the model, start the server, join the mesh, report SERVING."""
     engine = load_engine(config.model)
     engine.logits([1, 2, 3])  # warm-up
-    servicer = PrefillServicer(engine, config)
+    loop = EngineLoop(engine)
+    servicer = PrefillServicer(engine, loop, config)
     running = await start_server(
         [(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer)], [SERVICE_NAME], config.server
     )
-    worker = worker_info(config.registration, WorkerRole.PREFILL, running.port, engine.model_fingerprint)
+    running.add_background_task(loop.start())
+    worker = worker_info(
+        config.registration, WorkerRole.PREFILL, running.port, engine.model_fingerprint, engine.block_size
+    )
     join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
     running.on_stop(servicer.close)
     if config.metrics_port is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kvmesh.engine.engine import Engine, EngineConfig
+from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.engine import Engine
 from kvmesh.engine.model import CausalLM
 from kvmesh.engine.model_config import ModelConfig, RopeConfig
 from kvmesh.engine.tokenizer import Tokenizer
@@ -70,17 +72,10 @@ def make_model(config: ModelConfig | None = None, seed: int = 0) -> CausalLM:
     return model.eval()
 
 
-def make_engine(
-    config: ModelConfig | None = None,
-    *,
-    block_size: int = 4,
-    num_blocks: int = 256,
-    prefill_chunk_size: int = 512,
-    seed: int = 0,
-) -> Engine:
-    engine_config = EngineConfig(
-        block_size=block_size, num_blocks=num_blocks, prefill_chunk_size=prefill_chunk_size
-    )
+def make_engine(config: ModelConfig | None = None, *, seed: int = 0, **engine_options: Any) -> Engine:
+    """A tiny random model's engine; engine_options are EngineConfig fields (block size 4 and 256 blocks
+    unless given)."""
+    engine_config = EngineConfig(**{"block_size": 4, "num_blocks": 256, **engine_options})
     return Engine(make_model(config, seed), make_tokenizer(), engine_config)
 
 

@@ -19,11 +19,12 @@ import grpc
 import grpc.aio
 from tokenizers import Tokenizer as HFTokenizer
 
-from cache_store.server import CacheStoreConfig, worker_to_proto
+from cache_store.server import CacheStoreConfig
 from cache_store.server import serve as serve_cache_store
 from gateway.config import GatewayConfig
 from gateway.server import serve as serve_gateway
 from kvmesh.engine.tokenizer import Detokenizer, Tokenizer
+from kvmesh.mesh.convert import worker_to_proto
 from kvmesh.mesh.server import RunningServer, ServerConfig, start_server
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc
@@ -32,6 +33,8 @@ from training.checkpoint import write_random_checkpoint
 DECODE_SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 FAKE_FINGERPRINT = "fake-model"
 """The model fingerprint the fake decode workers register with (the gateway hashes prompts with it)."""
+FAKE_BLOCK_SIZE = 16
+"""The block size the fake decode workers advertise (the gateway hashes prompts in it)."""
 
 
 def write_tiny_checkpoint(path: Path, tokenizer_json: Path, max_position_embeddings: int = 256) -> Path:
@@ -181,6 +184,7 @@ def _worker(name: str, address: str, num_running: int = 0) -> WorkerInfo:
         worker_id=name,
         role=WorkerRole.DECODE,
         address=address,
+        block_size=FAKE_BLOCK_SIZE,
         host_id="test-host",
         transports=("grpc",),
         load=WorkerLoad(num_running=num_running, num_blocks_free=100, num_blocks_total=100),

@@ -20,7 +20,9 @@ from cache_store.server import serve as serve_cache_store
 from decode_service.config import DecodeConfig
 from decode_service.server import serve as serve_decode
 from gateway.config import GatewayConfig
+from gateway.routing_cost import RoutingConfig
 from gateway.server import serve as serve_gateway
+from kvmesh.engine.config import EngineConfig
 from kvmesh.mesh.server import RunningServer, ServerConfig, wait_for_serving
 from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
 from kvmesh.mesh.workers import WorkerLoad
@@ -40,6 +42,10 @@ class MeshSpec:
     block_size: int = 16
     worker_transports: tuple[str, ...] = ("shm", "grpc")
     enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 256
+    """Token budget of a forward pass on every worker (the decode role's default)."""
+    routing: RoutingConfig = RoutingConfig()
+    """The gateway's routing (its KV transport, say)."""
     gateway: dict[str, Any] = field(default_factory=dict)
     """Extra GatewayConfig fields."""
     device: str = field(default_factory=lambda: os.environ.get("KVMESH_TEST_DEVICE", "cpu"))
@@ -60,7 +66,7 @@ class MeshInThread:
     def __enter__(self) -> MeshInThread:
         if self.spec.device != "cpu":
             # The shm transport needs the KV pool in host memory; a GPU worker offers only grpc.
-            if self.spec.gateway.get("transport") == "shm":
+            if self.spec.routing.transport == "shm":
                 pytest.skip(
                     f"the shm transport needs a host KV pool; this mesh's workers run on {self.spec.device}"
                 )
@@ -84,13 +90,13 @@ class MeshInThread:
         self.servers["cache-store"] = await serve_cache_store(
             CacheStoreConfig(heartbeat_interval_ms=100, expiry_ms=1000)
         )
-        model = ModelSettings(
-            path=spec.model_path,
+        engine = EngineConfig(
             num_blocks=spec.num_blocks,
             block_size=spec.block_size,
             enable_prefix_caching=spec.enable_prefix_caching,
-            device=spec.device,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
         )
+        model = ModelSettings(path=spec.model_path, device=spec.device, engine=engine)
         registration = RegistrationSettings(
             cache_store_address=self.servers["cache-store"].address, transports=spec.worker_transports
         )
@@ -108,6 +114,7 @@ class MeshInThread:
             cache_store_address=self.servers["cache-store"].address,
             model_path=spec.model_path,
             refresh_ms=100,
+            routing=spec.routing,
             **spec.gateway,
         )
         self.servers["gateway"] = await serve_gateway(gateway)

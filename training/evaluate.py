@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from kvmesh import default_model_path
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.engine import Engine
-from kvmesh.engine.speculative import generate_speculative_batch
+from kvmesh.engine.generate import generate_speculative_batch
 from training.default_model_data import Corpus, ExampleMaker, corpus_files
 from training.edit_data import line_budget, make_edit
 
@@ -137,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_path = args.model or default_model_path()
-    engine = Engine.from_pretrained(model_path, dtype="float32", device="cpu", num_blocks=4096)
+    engine = Engine.from_pretrained(model_path, "float32", "cpu", EngineConfig(num_blocks=4096))
     maker = ExampleMaker(Corpus(corpus_files(held_out=True)), engine.tokenizer)
     print(f"model: {model_path}; held-out corpus: {len(maker.corpus.files)} files")
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     RoleConfig = GatewayConfig | PrefillConfig | DecodeConfig | CacheStoreConfig
 
 ROLES = ("gateway", "prefill", "decode", "cache-store")
+DECODE_TOKEN_BUDGET = 256
+"""A decode worker's default token budget per pass (bench/interference.py measures what it buys)."""
 ENV_PREFIX = "KVMESH_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -61,13 +63,6 @@ def _boolean(value: str | bool) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{value!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{value} is not a fraction between 0 and 1")
-    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -116,6 +111,7 @@ WORKER_OPTIONS = (
     Option("--kv-cache-bytes", parse_bytes, 256 * 1024 * 1024, "KV pool size (e.g. 256MiB)"),
     Option("--num-blocks", _optional_int, None, "KV pool size in blocks (overrides --kv-cache-bytes)"),
     Option("--prefill-chunk-size", int, 512, "most prompt tokens per sequence per forward pass"),
+    Option("--max-num-seqs", int, 32, "most sequences per forward pass"),
     Option("--advertise-host", str, "127.0.0.1", "host other roles dial to reach this worker"),
     Option("--worker-id", str, "", "unique worker id (default: role@host:port)"),
     Option("--host-id", str, None, "machine identity for shared memory (default: hostname/boot id)"),
@@ -156,26 +152,29 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
             'JSON {"keys": {key: tenant}, "groups": {tenant: group}}; unset: multi-tenancy off',
         ),
         Option(
-            "--block-size", int, 16, "tokens per KV block when hashing prompts (= the workers' --block-size)"
-        ),
-        Option(
-            "--disagg-min-tokens", int, 256, "an uncached part shorter than this stays on the decode worker"
-        ),
-        Option(
-            "--disagg-min-fraction",
-            _fraction,
-            0.25,
-            "... and below this fraction of the prompt (both must hold)",
+            "--disagg-min-tokens",
+            int,
+            256,
+            "an uncached part shorter than this is prefilled by the decode worker",
         ),
         Option("--decode-load-weight", float, 1.0, "routing cost of one request of decode load, in blocks"),
         Option("--max-load-imbalance", int, 4, "requests a decode worker may exceed the least loaded by"),
         Option("--lookup-timeout-ms", int, 100, "cache store lookup deadline; past it, route by load alone"),
     ),
-    "prefill": (*SERVER_OPTIONS, *WORKER_OPTIONS),
+    "prefill": (
+        *SERVER_OPTIONS,
+        *WORKER_OPTIONS,
+        Option("--max-num-batched-tokens", int, 2048, "token budget of one forward pass"),
+    ),
     "decode": (
         *SERVER_OPTIONS,
         *WORKER_OPTIONS,
-        Option("--max-batch-size", int, 32, "most sequences per forward pass"),
+        Option(
+            "--max-num-batched-tokens",
+            int,
+            DECODE_TOKEN_BUDGET,
+            "token budget of one forward pass: decodes, drafts and prompt chunks (small: short gaps)",
+        ),
         Option("--max-tokens-limit", int, 4096, "largest sampling.max_tokens accepted"),
         Option("--kv-quarantine-s", float, 2.0, "seconds a cancelled shm transfer's blocks stay out of use"),
     ),
@@ -291,6 +290,7 @@ def role_settings(
             )
         elif role == "gateway":
             from gateway.config import GatewayConfig
+            from gateway.routing_cost import RoutingConfig
 
             config = GatewayConfig(
                 server=server,
@@ -302,16 +302,16 @@ def role_settings(
                 max_snippet_chars=values["max_snippet_chars"],
                 request_timeout_s=values["request_timeout_s"],
                 refresh_ms=values["refresh_ms"],
-                use_prefill_min_tokens=values["use_prefill_min_tokens"],
-                transport=values["transport"],
                 max_attempts=values["max_attempts"],
                 metrics_port=values["metrics_port"],
                 api_keys_file=values["api_keys_file"] or None,
-                block_size=values["block_size"],
-                disagg_min_tokens=values["disagg_min_tokens"],
-                disagg_min_fraction=values["disagg_min_fraction"],
-                decode_load_weight=values["decode_load_weight"],
-                max_load_imbalance=values["max_load_imbalance"],
+                routing=RoutingConfig(
+                    disagg_min_tokens=values["disagg_min_tokens"],
+                    decode_load_weight=values["decode_load_weight"],
+                    max_load_imbalance=values["max_load_imbalance"],
+                    use_prefill_min_tokens=values["use_prefill_min_tokens"],
+                    transport=values["transport"],
+                ),
                 lookup_timeout_ms=values["lookup_timeout_ms"],
             )
         else:
@@ -334,7 +334,6 @@ def role_settings(
                     server,
                     model,
                     registration,
-                    max_batch_size=values["max_batch_size"],
                     max_tokens_limit=values["max_tokens_limit"],
                     metrics_port=values["metrics_port"],
                     kv_quarantine_s=values["kv_quarantine_s"],
@@ -348,18 +347,24 @@ def role_settings(
 def _worker_settings(
     values: dict[str, Any], default_model: Callable[[], str] | None
 ) -> tuple[ModelSettings, RegistrationSettings]:
+    from kvmesh.engine.config import EngineConfig
     from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
 
+    engine = EngineConfig(
+        block_size=values["block_size"],
+        num_blocks=values["num_blocks"],
+        kv_cache_bytes=values["kv_cache_bytes"],
+        prefill_chunk_size=values["prefill_chunk_size"],
+        enable_prefix_caching=values["prefix_caching"],
+        max_num_seqs=values["max_num_seqs"],
+        max_num_batched_tokens=values["max_num_batched_tokens"],
+    )
     model = ModelSettings(
         path=values["model"] or _default_model(default_model),
         dtype=values["dtype"],
         device=values["device"],
-        block_size=values["block_size"],
-        kv_cache_bytes=values["kv_cache_bytes"],
-        num_blocks=values["num_blocks"],
-        prefill_chunk_size=values["prefill_chunk_size"],
         num_threads=values["threads"],
-        enable_prefix_caching=values["prefix_caching"],
+        engine=engine,
     )
     if not values["transports"]:
         raise SettingsError("--transports is empty: offer at least grpc")

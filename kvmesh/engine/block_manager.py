@@ -6,7 +6,7 @@ A block is in one of three states:
 - cached: reference count 0 but still holding a hashed, full block of KV, findable by `match`, and
   evicted least-recently-used first when `allocate` runs out of free blocks.
 
-Every change to what is findable is recorded as a KV event ("stored", "removed"), which workers
+Every change to what is findable is recorded as a KV event (STORED, REMOVED), which workers
 publish to the cache store.
 """
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from kvmesh.engine.kv_event import KVEvent, KVEventKind
 
 
 class OutOfBlocks(RuntimeError):
@@ -25,15 +26,6 @@ class OutOfBlocks(RuntimeError):
         super().__init__(f"KV pool exhausted: {num_needed} blocks needed, {num_free} free")
         self.num_needed = num_needed
         self.num_free = num_free
-
-
-@dataclass(frozen=True)
-class KVEvent:
-    """A change to the set of block hashes a worker holds."""
-
-    kind: str
-    """"stored", "removed" or "cleared"."""
-    block_hashes: tuple[bytes, ...]
 
 
 class BlockAllocator:
@@ -148,7 +140,7 @@ class BlockAllocator:
         self._hash_of_block[block_id] = block_hash
         with self._events_lock:
             self._block_of_hash[block_hash] = block_id
-            self._events.append(KVEvent("stored", (block_hash,)))
+            self._events.append(KVEvent(KVEventKind.STORED, (block_hash,)))
 
     def uncache_block(self, block_id: int) -> None:
         """Stop finding an in-use block by hash (its KV is about to change, as when a rollback rewrites it)."""
@@ -168,7 +160,7 @@ class BlockAllocator:
         self._hash_of_block[block_id] = None
         with self._events_lock:
             del self._block_of_hash[block_hash]
-            self._events.append(KVEvent("removed", (block_hash,)))
+            self._events.append(KVEvent(KVEventKind.REMOVED, (block_hash,)))
 
     # ---- events for the cache store -------------------------------------------------------------
 

@@ -1,28 +1,31 @@
-"""The inference engine: a model, its tokenizer and its paged KV pool, driven a batch at a time.
+"""The inference engine: a model, its tokenizer and its paged KV pool; it runs the forward pass a
+scheduler (`kvmesh.engine.scheduler`) composed.
 
-The protocol the workers build on:
+The sequence protocol the scheduler and the workers build on:
 
-    seq = engine.add_sequence(prompt_ids, params)      # no blocks yet
-    engine.reserve(seq, len(seq))                       # optional: take every prompt block up front
-    logits = engine.step([seq, ...])                    # each seq computes up to a chunk of its new tokens
+    seq = engine.add_sequence(prompt_ids, params)      # takes the blocks of its longest cached prefix
+    engine.reserve(seq, len(seq))                       # grow its block table (all-or-nothing)
+    logits = engine.run(batch)                          # one forward pass over a scheduled batch
     engine.append_token(seq, token)                     # -> FinishReason | None
     engine.truncate(seq, n)                             # roll back KV to n tokens (rejected drafts)
     engine.free(seq)                                    # blocks go back to the pool
 
-`generate` and `generate_batch` are that loop, for callers that want the whole answer.
+`step`, `prefill` and `logits` are the same pass for one-off callers (tests, references, warm-up);
+`generate` and `generate_batch` run the scheduler to completion (`kvmesh.engine.generate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvmesh.engine.attention import build_attention_batch
+from kvmesh.engine.batch import Batch, ScheduledSeq
 from kvmesh.engine.block_hash import hash_block, hash_blocks, model_fingerprint, namespace_hash
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.kv_cache import (
     KVLayout,
     KVPool,
@@ -37,24 +40,6 @@ from kvmesh.engine.model_config import ModelConfig
 from kvmesh.engine.sampling import SamplingParams, sample_batch
 from kvmesh.engine.sequence import FinishReason, Sequence, StopChecker
 from kvmesh.engine.tokenizer import Tokenizer
-
-DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine pages and batches; the model's shape comes from the checkpoint."""
-
-    block_size: int = 16
-    """Tokens per KV block."""
-    num_blocks: int | None = None
-    """KV pool size in blocks; when None, kv_cache_bytes decides."""
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    """KV pool size in bytes, used when num_blocks is None."""
-    prefill_chunk_size: int = 512
-    """Most prompt tokens one sequence computes in one forward pass."""
-    enable_prefix_caching: bool = True
-    """Keep full blocks findable by hash after use, and reuse them for prompts that start the same way."""
 
 
 class Engine:
@@ -96,21 +81,13 @@ class Engine:
         path: str | Path,
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
-        *,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-        prefill_chunk_size: int = 512,
-        enable_prefix_caching: bool = True,
+        config: EngineConfig = EngineConfig(),
         make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None,
     ) -> Engine:
         """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)."""
         path = Path(path)
         model = load_model(path, parse_dtype(dtype), device)
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-        config = EngineConfig(
-            block_size, num_blocks, kv_cache_bytes, prefill_chunk_size, enable_prefix_caching
-        )
         return cls(model, tokenizer, config, make_pool_storage, model_fingerprint(path))
 
     # ---- what the engine reports -------------------------------------------------------------
@@ -148,15 +125,23 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's context is {limit}")
         seq = Sequence(list(prompt_token_ids), params, self.device)
         seq.namespace = namespace_hash(self.model_fingerprint, cache_salt)
-        if use_prefix_cache:
-            num_blocks = (len(seq) - 1) // self.block_size
-            hashes = hash_blocks(
-                seq.namespace, seq.token_ids[: num_blocks * self.block_size], self.block_size
-            )
-            seq.block_table = self.pool.allocator.match(hashes, self.block_size)
-            seq.block_hashes = hashes[: len(seq.block_table)]
-            seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        seq.use_prefix_cache = use_prefix_cache
+        seq.num_cached_tokens = self.match_prefix(seq)
         return seq
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks those of the longest cached prefix of its tokens (never all
+        of them: the last token is always computed, for its logits); returns the tokens matched."""
+        if seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} already holds blocks")
+        if not seq.use_prefix_cache:
+            return 0
+        num_blocks = (len(seq) - 1) // self.block_size
+        hashes = hash_blocks(seq.namespace, seq.token_ids[: num_blocks * self.block_size], self.block_size)
+        seq.block_table = self.pool.allocator.match(hashes, self.block_size)
+        seq.block_hashes = hashes[: len(seq.block_table)]
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
 
     def num_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks `seq` must still take for its KV to cover `num_tokens` tokens."""
@@ -171,12 +156,53 @@ class Engine:
         if needed:
             seq.block_table.extend(self.pool.allocator.allocate(needed))
 
-    def step(self, seqs: list[Sequence], *, all_logits: bool = False) -> list[torch.Tensor]:
-        """One forward pass over a batch: each sequence computes up to a prefill chunk of its uncomputed tokens.
+    def run(self, batch: Batch) -> list[torch.Tensor]:
+        """The batch's forward pass. Every sequence's blocks must already cover its new tokens (the
+        scheduler reserved them). Returns, per item, float32 logits of its last `num_logits` tokens
+        ([num_logits, V]; [0, V] when it needs none)."""
+        if not batch.items:
+            return []
+        seqs = batch.seqs
+        num_new = [item.num_tokens for item in batch.items]
+        for seq, n in zip(seqs, num_new, strict=True):
+            if n < 1 or seq.num_computed_tokens + n > len(seq):
+                raise ValueError(f"sequence {seq.seq_id} has no {n} uncomputed tokens")
+            if self.num_blocks_needed(seq, seq.num_computed_tokens + n):
+                raise ValueError(f"sequence {seq.seq_id} has no blocks reserved for {n} new tokens")
+        input_ids = [
+            t
+            for seq, n in zip(seqs, num_new, strict=True)
+            for t in seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n]
+        ]
+        attention, positions = build_attention_batch(
+            [seq.block_table for seq in seqs],
+            [seq.num_computed_tokens for seq in seqs],
+            num_new,
+            self.block_size,
+            self.config.sliding_window,
+            self.device,
+        )
+        ends = torch.tensor(num_new).cumsum(0).tolist()
+        rows = [
+            i for item, end in zip(batch.items, ends, strict=True) for i in range(end - item.num_logits, end)
+        ]
+        with torch.inference_mode():
+            hidden = self.model(torch.tensor(input_ids, device=self.device), positions, self.pool, attention)
+            logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+        out = list(torch.split(logits, [item.num_logits for item in batch.items]))
+        for seq, n in zip(seqs, num_new, strict=True):
+            seq.num_computed_tokens += n
+            seq.num_forward_passes += 1
+            self._cache_full_blocks(seq)
+        return out
 
-        Returns, per sequence, the float32 logits of its last computed token ([V]), or of every token
-        computed in this pass ([n, V]) with all_logits (speculative verification). Raises OutOfBlocks
-        before running anything when the pool cannot hold the new tokens.
+    def step(self, seqs: list[Sequence], *, all_logits: bool = False) -> list[torch.Tensor]:
+        """One forward pass in which each sequence computes up to a prefill chunk of its uncomputed tokens,
+        its blocks reserved first; for callers without a scheduler (references, tests, warm-up).
+
+        Returns, per sequence, the logits of its last computed token ([V]), or of every token computed in
+        this pass ([n, V]) with all_logits. Raises OutOfBlocks, having changed nothing, when the pool
+        cannot hold the new tokens.
         """
         chunk = self.engine_config.prefill_chunk_size
         num_new = [min(seq.num_uncomputed_tokens, chunk) for seq in seqs]
@@ -189,31 +215,12 @@ class Engine:
             raise OutOfBlocks(needed, self.pool.allocator.num_free)
         for seq, n in zip(seqs, num_new, strict=True):
             self.reserve(seq, seq.num_computed_tokens + n)
-
-        input_ids = [
-            t
+        items = [
+            ScheduledSeq(seq, n, num_logits=n if all_logits else 1)
             for seq, n in zip(seqs, num_new, strict=True)
-            for t in seq.token_ids[seq.num_computed_tokens :][:n]
         ]
-        batch, positions = build_attention_batch(
-            [seq.block_table for seq in seqs],
-            [seq.num_computed_tokens for seq in seqs],
-            num_new,
-            self.block_size,
-            self.config.sliding_window,
-            self.device,
-        )
-        with torch.inference_mode():
-            hidden = self.model(torch.tensor(input_ids, device=self.device), positions, self.pool, batch)
-            if all_logits:
-                out = list(torch.split(self.model.logits(hidden), num_new))
-            else:
-                ends = torch.tensor(num_new, device=self.device).cumsum(0)
-                out = list(self.model.logits(hidden[ends - 1]).unbind(0))
-        for seq, n in zip(seqs, num_new, strict=True):
-            seq.num_computed_tokens += n
-            self._cache_full_blocks(seq)
-        return out
+        logits = self.run(Batch(items))
+        return logits if all_logits else [rows[-1] for rows in logits]
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks of seq that became full and computed, and make them findable."""
@@ -266,6 +273,7 @@ class Engine:
         if seq.block_table:
             self.pool.allocator.free(seq.block_table)
             seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed_tokens = 0
 
     # ---- whole answers ----------------------------------------------------------------------
@@ -299,23 +307,7 @@ class Engine:
     def generate_batch(
         self, prompts: Seq[Seq[int]], max_new_tokens: int, **options: object
     ) -> list[list[int]]:
-        """Generate for several prompts at once: each is prefilled alone, then all decode in one batch."""
-        params = SamplingParams.from_options(max_new_tokens, **options)
-        seqs = [self.add_sequence(prompt, params) for prompt in prompts]
-        try:
-            if max_new_tokens == 0:
-                return [[] for _ in seqs]
-            running = []
-            for seq in seqs:
-                token = self.sample([seq], [self.prefill(seq)])[0]
-                if self.append_token(seq, token) is None:
-                    running.append(seq)
-            while running:
-                tokens = self.sample(running, self.step(running))
-                running = [
-                    seq for seq, t in zip(running, tokens, strict=True) if self.append_token(seq, t) is None
-                ]
-            return [seq.output_token_ids for seq in seqs]
-        finally:
-            for seq in seqs:
-                self.free(seq)
+        """Generate for several prompts at once, through the scheduler (`kvmesh.engine.generate`)."""
+        from kvmesh.engine.generate import generate_batch  # NOTE: generate builds on this module
+
+        return [tokens for tokens, _ in generate_batch(self, prompts, max_new_tokens, **options)]

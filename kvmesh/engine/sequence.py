@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import itertools
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvmesh.engine.sampling import SamplingParams
 from kvmesh.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvmesh.engine.speculative import DraftCursor
 
 _ids = itertools.count()
 
@@ -44,6 +48,15 @@ class Sequence:
         self.params = params
         self.generator = params.make_generator(device)
         self.finish_reason: FinishReason | None = None
+        self.cursor: DraftCursor | None = None
+        """The draft that decode steps verify (an edit's original, prompt lookup); None: plain decoding."""
+        self.prefill_only = False
+        """Compute the prompt's KV and stop there, sampling nothing (a prefill worker's request)."""
+        self.use_prefix_cache = True
+        """Start from the longest cached prefix of the tokens (at admission, and again after preemption)."""
+        self.num_forward_passes = 0
+        """Forward passes this sequence took part in, prefill chunks included."""
+        self.num_preemptions = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -5,8 +5,11 @@ The draft is not a model's guess but a token sequence the output is likely to co
 chunk of it after the last generated token, verifies the whole chunk in one forward pass, keeps the
 longest prefix the model agrees with plus one token of the model's own, and rolls back the rest:
 
-    cursor = DraftCursor.for_edit(original_ids)             # or DraftCursor.for_prompt_lookup(prompt_ids)
-    new_tokens = speculative_step(engine, [(seq, cursor), (other_seq, None)])   # one forward pass
+    seq.cursor = DraftCursor.for_edit(original_ids)          # or DraftCursor.for_prompt_lookup(prompt_ids)
+    scheduler.add(seq)                                       # each decode step of seq now verifies a draft
+
+The scheduler (`kvmesh.engine.scheduler`) appends `cursor.propose(k)` to the sequence, the pass computes
+its logits beside plain decodes and prompt chunks, and `verify` decides what is kept.
 
 Why the output is exactly plain decoding's: draft token i is kept only when the token the model picks at
 that position (from the same logits plain decoding would see, given the same prefix) equals it, so every
@@ -32,9 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.engine.engine import Engine
-from kvmesh.engine.kv_cache import OutOfBlocks
-from kvmesh.engine.sampling import SamplingParams, sample_token
+from kvmesh.engine.sampling import sample_token
 from kvmesh.engine.sequence import Sequence
 
 MAX_CONTEXT = 32
@@ -234,65 +235,7 @@ def _index_grams(ids: list[int], m: int, first: int, starts: dict[tuple[int, ...
     return max(first, len(ids) - m)
 
 
-def speculative_step(engine: Engine, batch: Seq[tuple[Sequence, DraftCursor | None]]) -> list[list[int]]:
-    """One forward pass that decodes every sequence in `batch`, verifying the drafts of those with a cursor.
-
-    Each sequence must be decoding and unfinished: exactly one uncomputed token, its latest. Afterwards
-    each has gained the returned tokens (at least one, appended through `Engine.append_token`; the last
-    may have finished it, see `seq.finish_reason`), all computed but the last, as after a plain step.
-    Rejected draft tokens and their KV are gone. When the pool cannot hold the drafts the pass runs
-    without them; raises OutOfBlocks, having changed nothing, when it cannot hold a plain step either.
-    """
-    if not batch:
-        return []
-    seqs = [seq for seq, _ in batch]
-    for seq in seqs:
-        if seq.finished or seq.num_uncomputed_tokens != 1:
-            raise ValueError(f"sequence {seq.seq_id} is not decoding (one uncomputed token, unfinished)")
-    bases = [len(seq) for seq in seqs]
-    # The draft rides in the same pass as the last token, so 1 + K must fit one chunk to get all logits.
-    room = engine.engine_config.prefill_chunk_size - 1
-    drafts = [_append_draft(engine, seq, cursor, room) for seq, cursor in batch]
-    try:
-        logits = engine.step(seqs, all_logits=True)
-    except OutOfBlocks:
-        if not any(drafts):
-            raise
-        for seq, base in zip(seqs, bases, strict=True):
-            engine.truncate(seq, base)
-        drafts = [[] for _ in batch]
-        logits = engine.step(seqs, all_logits=True)
-
-    new_tokens = []
-    for (seq, cursor), base, draft, rows in zip(batch, bases, drafts, logits, strict=True):
-        num_accepted, bonus = _verify(seq, draft, rows)
-        if num_accepted < len(draft):
-            # Only the draft's last token can have finished seq, so the kept ones leave it unfinished.
-            engine.truncate(seq, base + num_accepted)
-        if bonus is not None:
-            engine.append_token(seq, bonus)
-        if cursor is not None:
-            cursor.stats.accepted_prediction_tokens += num_accepted
-            cursor.stats.rejected_prediction_tokens += len(draft) - num_accepted
-            cursor.stats.forward_passes += 1
-            if bonus is not None:
-                cursor.record(draft[:num_accepted], bonus, seq.token_ids)
-        new_tokens.append(seq.token_ids[base:])
-    return new_tokens
-
-
-def _append_draft(engine: Engine, seq: Sequence, cursor: DraftCursor | None, room: int) -> list[int]:
-    """Append the cursor's proposal to seq, cut just after the first token that would finish it."""
-    if cursor is None:
-        return []
-    proposal = cursor.propose(min(cursor.num_draft_tokens, room))
-    for n, token in enumerate(proposal):
-        if engine.append_token(seq, token) is not None:
-            return proposal[: n + 1]
-    return proposal
-
-
-def _verify(seq: Sequence, draft: list[int], rows: torch.Tensor) -> tuple[int, int | None]:
+def verify(seq: Sequence, draft: list[int], rows: torch.Tensor) -> tuple[int, int | None]:
     """[1 + len(draft), V] logits -> (draft tokens kept, the model's token after them). The token is None
     when every draft token is kept and the last one finished seq: plain decoding would sample no more."""
     if seq.params.greedy:
@@ -310,51 +253,3 @@ def _verify(seq: Sequence, draft: list[int], rows: torch.Tensor) -> tuple[int, i
             return n, token
         n += 1
     return n, None
-
-
-def generate_speculative(
-    engine: Engine,
-    prompt_ids: Seq[int],
-    draft: Seq[int] | DraftCursor,
-    max_new_tokens: int,
-    **options: object,
-) -> tuple[list[int], SpecStats]:
-    """`Engine.generate` with a draft (token ids of an edit's original, or a ready cursor): the same
-    tokens, in fewer forward passes wherever the output copies the draft."""
-    [result] = generate_speculative_batch(engine, [prompt_ids], [draft], max_new_tokens, **options)
-    return result
-
-
-def generate_speculative_batch(
-    engine: Engine,
-    prompts: Seq[Seq[int]],
-    drafts: Seq[Seq[int] | DraftCursor],
-    max_new_tokens: int,
-    **options: object,
-) -> list[tuple[list[int], SpecStats]]:
-    """`Engine.generate_batch` with a draft per prompt: each is prefilled alone (its first token plain),
-    then all decode together, one `speculative_step` per forward pass. Blocks are freed on every exit."""
-    params = SamplingParams.from_options(max_new_tokens, **options)
-    cursors = [
-        d if isinstance(d, DraftCursor) else DraftCursor.for_edit(d, prompt)
-        for d, prompt in zip(drafts, prompts, strict=True)
-    ]
-    seqs = [engine.add_sequence(prompt, params) for prompt in prompts]
-    try:
-        if max_new_tokens == 0:
-            return [([], cursor.stats) for cursor in cursors]
-        running = []
-        chunk = engine.engine_config.prefill_chunk_size
-        for seq, cursor in zip(seqs, cursors, strict=True):
-            cursor.stats.forward_passes += -(-seq.num_uncomputed_tokens // chunk)
-            token = engine.sample([seq], [engine.prefill(seq)])[0]
-            if engine.append_token(seq, token) is None:
-                cursor.record([], token, seq.token_ids)
-                running.append((seq, cursor))
-        while running:
-            speculative_step(engine, running)
-            running = [(seq, cursor) for seq, cursor in running if not seq.finished]
-        return [(seq.output_token_ids, cursor.stats) for seq, cursor in zip(seqs, cursors, strict=True)]
-    finally:
-        for seq in seqs:
-            engine.free(seq)

@@ -11,44 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 import grpc.aio
 
+from kvmesh.engine.kv_event import KVEvent, KVEventKind
+from kvmesh.mesh.convert import kv_events_to_proto
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-_KIND_TO_PROTO = {
-    "stored": cache_store_pb2.KV_EVENT_KIND_STORED,
-    "removed": cache_store_pb2.KV_EVENT_KIND_REMOVED,
-    "cleared": cache_store_pb2.KV_EVENT_KIND_CLEARED,
-}
 
 MAX_HASHES_PER_BATCH = 16384
 """Most inventory hashes sent in one message (512 KiB of hashes), far below any gRPC message limit."""
 CLOSE_TIMEOUT_S = 1.0
 """On cancel, how long to wait for the cache store to acknowledge the closed stream, in seconds."""
-
-
-@dataclass(frozen=True)
-class KVEvent:
-    """One change to a worker's cached blocks."""
-
-    kind: str
-    """What happened: "stored" (the worker now holds these hashes), "removed" (it evicted them) or
-    "cleared" (it holds nothing any more; block_hashes is empty)."""
-    block_hashes: tuple[bytes, ...] = ()
-    """Chained block hashes (kvmesh.engine.block_hash), 32 bytes each, in prompt order for "stored"."""
-
-    def __post_init__(self) -> None:
-        # Checked here, where the engine makes the event, rather than on the wire much later.
-        if self.kind not in _KIND_TO_PROTO:
-            raise ValueError(f"kind must be one of {sorted(_KIND_TO_PROTO)}, got {self.kind!r}")
-        if self.kind == "cleared" and self.block_hashes:
-            raise ValueError("a cleared event carries no block hashes")
 
 
 class KVEventSource(Protocol):
@@ -139,7 +116,7 @@ async def _publish_one_stream(
             events = source.take_events()
             if events and not call.done():
                 await _write(
-                    call, cache_store_pb2.KVEventBatch(worker_id=worker_id, events=_to_proto(events))
+                    call, cache_store_pb2.KVEventBatch(worker_id=worker_id, events=kv_events_to_proto(events))
                 )
         await call  # raises the status the cache store ended the call with, unless it was OK
     except asyncio.CancelledError:
@@ -176,19 +153,9 @@ def _inventory_batches(worker_id: str, inventory: Sequence[bytes]) -> list[cache
     NOTE: a huge pool's inventory is split so that no message grows with the cache; the cache store
     applies batches in order, so the split only delays when the last hashes become findable.
     """
-    cleared = cache_store_pb2.KVEvent(kind=cache_store_pb2.KV_EVENT_KIND_CLEARED)
-    batches = [cache_store_pb2.KVEventBatch(worker_id=worker_id, events=[cleared])]
-    for start in range(0, len(inventory), MAX_HASHES_PER_BATCH):
-        stored = cache_store_pb2.KVEvent(
-            kind=cache_store_pb2.KV_EVENT_KIND_STORED,
-            block_hashes=inventory[start : start + MAX_HASHES_PER_BATCH],
-        )
-        if start == 0:
-            batches[0].events.append(stored)
-        else:
-            batches.append(cache_store_pb2.KVEventBatch(worker_id=worker_id, events=[stored]))
-    return batches
-
-
-def _to_proto(events: Sequence[KVEvent]) -> list[cache_store_pb2.KVEvent]:
-    return [cache_store_pb2.KVEvent(kind=_KIND_TO_PROTO[e.kind], block_hashes=e.block_hashes) for e in events]
+    stored = [
+        KVEvent(KVEventKind.STORED, tuple(inventory[start : start + MAX_HASHES_PER_BATCH]))
+        for start in range(0, len(inventory), MAX_HASHES_PER_BATCH)
+    ]
+    groups = [[KVEvent(KVEventKind.CLEARED), *stored[:1]], *([event] for event in stored[1:])]
+    return [cache_store_pb2.KVEventBatch(worker_id=worker_id, events=kv_events_to_proto(g)) for g in groups]

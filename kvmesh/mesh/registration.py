@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import grpc
 
-from cache_store.server import load_to_proto, worker_to_proto
+from kvmesh.mesh.convert import load_to_proto, worker_to_proto
 from kvmesh.mesh.kv_events import KVEventSource, publish_kv_events
 from kvmesh.mesh.server import RunningServer
 from kvmesh.mesh.worker_config import RegistrationSettings
@@ -27,13 +27,15 @@ CALL_TIMEOUT_S = 2.0
 
 
 def worker_info(
-    settings: RegistrationSettings, role: WorkerRole, port: int, model_fingerprint: str
+    settings: RegistrationSettings, role: WorkerRole, port: int, model_fingerprint: str, block_size: int
 ) -> WorkerInfo:
+    """What the worker registers as; block_size is its engine's (Engine.block_size)."""
     address = f"{settings.advertise_host}:{port}"
     return WorkerInfo(
         worker_id=settings.worker_id or f"{role.value}@{address}",
         role=role,
         address=address,
+        block_size=block_size,
         host_id=settings.host_id,
         transports=settings.transports,
         model_fingerprint=model_fingerprint,
@@ -92,6 +94,9 @@ async def keep_registered(
                 is_registered = heartbeat.known
                 await asyncio.sleep(interval_s if is_registered else 0)
             except grpc.aio.AioRpcError as error:
-                logger.warning("cache store %s: %s", settings.cache_store_address, error.code().name)
+                # The details say what to fix when the cache store refuses the worker (another block size).
+                logger.warning(
+                    "cache store %s: %s %s", settings.cache_store_address, error.code().name, error.details()
+                )
                 is_registered = False
                 await asyncio.sleep(RETRY_S)

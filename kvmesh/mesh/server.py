@@ -57,6 +57,20 @@ class ServiceError(Exception):
         self.message = message
 
 
+def invalid(message: str) -> ServiceError:
+    """INVALID_ARGUMENT: the client sent a bad value; the message names the field and what to send."""
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def never_fits(worker: str, num_blocks_needed: int, num_blocks_total: int) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a prompt that a worker's whole KV pool could not hold, even empty."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the prompt can never fit this {worker} worker's KV pool ({num_blocks_needed} blocks needed, "
+        f"{num_blocks_total} in all); send a shorter prompt",
+    )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps handler exceptions to statuses, for unary and streaming handlers alike.
 

@@ -14,7 +14,6 @@ process; in embedded mode (all roles in one process) the first role's service na
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import prometheus_client
 from opentelemetry import metrics, trace
@@ -26,15 +25,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-
-@dataclass(frozen=True)
-class _Telemetry:
-    service_name: str
-    tracer_provider: TracerProvider
-    meter_provider: MeterProvider
-
-
-_telemetry: _Telemetry | None = None
+_tracer_provider: TracerProvider | None = None
+"""The process's tracer provider, once setup_telemetry has run."""
 
 
 def _not_infrastructure() -> grpc_filters.Condition:
@@ -55,9 +47,9 @@ def setup_telemetry(service_name: str) -> TracerProvider:
 
     Must run before the first grpc.aio server or channel is created, or those go untraced.
     """
-    global _telemetry
-    if _telemetry is not None:
-        return _telemetry.tracer_provider
+    global _tracer_provider
+    if _tracer_provider is not None:
+        return _tracer_provider
     # The standard variables win: OTEL_SERVICE_NAME names the service (a Kubernetes pod sets it).
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name})
     tracer_provider = TracerProvider(resource=resource)
@@ -76,7 +68,7 @@ def setup_telemetry(service_name: str) -> TracerProvider:
 
     GrpcAioInstrumentorServer(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
     GrpcAioInstrumentorClient(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
-    _telemetry = _Telemetry(service_name, tracer_provider, meter_provider)
+    _tracer_provider = tracer_provider
     return tracer_provider
 
 
@@ -85,9 +77,9 @@ def add_span_processor(processor: SpanProcessor) -> None:
 
     Raises RuntimeError before setup_telemetry.
     """
-    if _telemetry is None:
+    if _tracer_provider is None:
         raise RuntimeError("call setup_telemetry() before add_span_processor()")
-    _telemetry.tracer_provider.add_span_processor(processor)
+    _tracer_provider.add_span_processor(processor)
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from kvmesh.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine
+from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.engine import Engine
 from kvmesh.engine.kv_cache import KVLayout
 
 
@@ -22,7 +23,7 @@ def default_host_id() -> str:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The checkpoint a worker serves and how its engine pages KV."""
+    """The checkpoint a worker serves, where it runs, and how its engine pages and batches KV."""
 
     path: str
     """Hugging Face-format checkpoint directory."""
@@ -30,18 +31,10 @@ class ModelSettings:
     """Weights and KV dtype: float32, bfloat16 or float16."""
     device: str = "cpu"
     """torch device ("cpu", "cuda", "cuda:1")."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    """KV pool size in bytes (ignored when num_blocks is set)."""
-    num_blocks: int | None = None
-    """KV pool size in blocks."""
-    prefill_chunk_size: int = 512
-    """Most prompt tokens one sequence computes per forward pass."""
-    enable_prefix_caching: bool = True
-    """Keep computed blocks findable by hash and reuse them for prompts that start the same way."""
     num_threads: int = 1
     """torch intra-op threads; one each keeps four roles on two cores from fighting."""
+    engine: EngineConfig = EngineConfig()
+    """The KV pool and the scheduler's limits."""
 
 
 @dataclass(frozen=True)
@@ -65,14 +58,4 @@ def load_engine(
 ) -> Engine:
     """The engine a worker serves, sized by its settings (and torch's threads set for it)."""
     torch.set_num_threads(model.num_threads)
-    return Engine.from_pretrained(
-        model.path,
-        model.dtype,
-        model.device,
-        block_size=model.block_size,
-        num_blocks=model.num_blocks,
-        kv_cache_bytes=model.kv_cache_bytes,
-        prefill_chunk_size=model.prefill_chunk_size,
-        enable_prefix_caching=model.enable_prefix_caching,
-        make_pool_storage=make_pool_storage,
-    )
+    return Engine.from_pretrained(model.path, model.dtype, model.device, model.engine, make_pool_storage)

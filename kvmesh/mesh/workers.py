@@ -31,6 +31,9 @@ class WorkerInfo:
     role: WorkerRole
     address: str
     """gRPC address, `host:port`."""
+    block_size: int
+    """Tokens per KV block of the worker's engine; every worker of a mesh has the same (the cache store
+    refuses a worker that differs), and the gateway hashes prompts in it."""
     host_id: str = ""
     """Workers with the same host_id can use shared memory between them."""
     transports: tuple[str, ...] = ()

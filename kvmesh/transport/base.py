@@ -1,11 +1,11 @@
-"""The KV transport interface: what a transfer is, who performs it, and which transport two workers use.
+"""The KV transport interface: what a transfer is and who performs it.
 
 A transfer moves whole blocks (every layer, K and V) from the prefill worker's pool into blocks that the
 decode worker reserved before asking for them. Source block `src_block_ids[i]` lands in destination block
 `dest.block_ids[i]`. Two styles:
 
-- push, `KVSender.send`: the prefill side writes straight into the destination pool's memory (inproc,
-  shm; later CUDA IPC and NCCL). The decode side learns that the blocks are ready from the Prefill
+- push, `KVSender.send`: the prefill side writes straight into the destination pool's memory (shm;
+  later CUDA IPC and NCCL). The decode side learns that the blocks are ready from the Prefill
   stream's done message, which is also the happens-before edge for the bytes.
 - stream, `grpc_stream`: the prefill side yields checksummed chunks in the Prefill response stream and
   the decode side's `KVChunkReceiver` verifies them and writes them into its reserved blocks.
@@ -18,9 +18,7 @@ request until the Prefill stream has ended: the sender may still be writing into
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -33,17 +31,9 @@ from kvmesh.engine.kv_cache import KVLayout, KVPool
 STREAM_TRANSPORT = "grpc"
 """The transport every worker supports: KV bytes in the Prefill response stream."""
 
-TRANSPORT_PREFERENCE: tuple[str, ...] = ("inproc", "shm", STREAM_TRANSPORT)
-"""Best first. A transport is usable between two workers when both list it and `_LOCALITY` allows it."""
-
-# Which workers can share a transport: the same process, the same host (one /dev/shm), or any two.
-_LOCALITY: dict[str, str] = {"inproc": "process", "shm": "host", STREAM_TRANSPORT: "any"}
-
 # Copies smaller than this run on the event loop's thread: a thread hop costs about 0.1 ms (measured),
 # what copying 1 MiB takes; bigger copies run in a thread so the loop keeps serving other streams.
 _INLINE_COPY_BYTES = 1 << 20
-
-_PROCESS_NONCE = uuid.uuid4().hex[:16]
 
 
 class TransferError(RuntimeError):
@@ -59,13 +49,13 @@ class KVDestination:
     """Where a transfer's blocks go, as the decode worker describes it in `PrefillRequest.destination`."""
 
     transport: str
-    """A name from `supported_transports()`."""
+    """A registered push transport's name (`make_sender`), or `STREAM_TRANSPORT`."""
     block_ids: tuple[int, ...]
     """The destination's reserved block ids; source block i lands in `block_ids[i]`."""
     layout: KVLayout
     """The destination pool's layout; all but `num_blocks` must equal the source pool's."""
     shm_name: str = ""
-    """The destination pool's name: its shared-memory segment (shm) or its local registry key (inproc)."""
+    """The destination pool's name: its shared-memory segment (shm)."""
     host_id: str = ""
     """The destination's host, for shm: a pool with this name is only meaningful on that host."""
 
@@ -82,55 +72,6 @@ class TransferStats:
     num_bytes: int
     seconds: float
     transport: str
-
-    @property
-    def bytes_per_second(self) -> float:
-        return self.num_bytes / self.seconds if self.seconds > 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class TransportInfo:
-    """What a worker tells its peers (through worker registration) so they can pick a transport."""
-
-    host_id: str
-    """Same host id = same /dev/shm. Set from config; pods with separate /dev/shm need separate ids."""
-    process_id: str
-    """Unique per process, across hosts, restarts and forks (see `process_id()`)."""
-    transports: tuple[str, ...]
-    """Transports this worker can receive and send, e.g. `supported_transports()`."""
-
-    @classmethod
-    def local(cls, host_id: str, transports: Sequence[str] | None = None) -> TransportInfo:
-        """This process's info; `transports` defaults to everything registered here."""
-        return cls(
-            host_id, process_id(), tuple(transports) if transports is not None else supported_transports()
-        )
-
-
-def process_id() -> str:
-    """An id of this process: a random nonce (pids repeat across hosts and restarts) plus the pid (forks)."""
-    return f"{_PROCESS_NONCE}-{os.getpid()}"
-
-
-def choose_transport(local: TransportInfo, remote: TransportInfo) -> str:
-    """The best transport that both workers list and that their locality allows.
-
-    inproc needs the same process, shm the same host; grpc works anywhere. Transports without a known
-    locality are never chosen. Raises ValueError when the two share no usable transport.
-    """
-    same_host = local.host_id == remote.host_id and local.host_id != ""
-    reachable = {
-        "process": same_host and local.process_id == remote.process_id,
-        "host": same_host,
-        "any": True,
-    }
-    for name in TRANSPORT_PREFERENCE:
-        if name in local.transports and name in remote.transports and reachable[_LOCALITY[name]]:
-            return name
-    raise ValueError(
-        f"no common transport: this worker supports {list(local.transports)} on host {local.host_id!r}, "
-        f"the peer {list(remote.transports)} on host {remote.host_id!r}"
-    )
 
 
 class KVSender(ABC):
@@ -180,12 +121,6 @@ def make_sender(name: str) -> KVSender:
     if name not in _SENDERS:
         raise ValueError(f"unknown transport {name!r}; registered: {sorted(_SENDERS)}")
     return _SENDERS[name]()
-
-
-def supported_transports() -> tuple[str, ...]:
-    """Transports this process can use, best first: the registered push transports and the stream."""
-    available = set(_SENDERS) | {STREAM_TRANSPORT}
-    return tuple(name for name in TRANSPORT_PREFERENCE if name in available)
 
 
 def check_same_block_layout(src: KVLayout, dst: KVLayout) -> None:

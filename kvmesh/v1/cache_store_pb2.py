@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvmesh/v1/cache_store.proto\x12\tkvmesh.v1\"E\n\x07KVEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.kvmesh.v1.KVEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"E\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.kvmesh.v1.KVEvent\"*\n\x14PublishKVEventsReply\x12\x12\n\nnum_events\x18\x01 \x01(\x03\"%\n\rLookupRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"4\n\x0bPrefixMatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\"6\n\x0bLookupReply\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.PrefixMatch\"i\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x17\n\x0fnum_blocks_free\x18\x03 \x01(\x05\x12\x18\n\x10num_blocks_total\x18\x04 \x01(\x05\"\xba\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12#\n\x04load\x18\x06 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\"8\n\x0fRegisterRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\"A\n\rRegisterReply\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\x12\x11\n\texpiry_ms\x18\x02 \x01(\x03\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"9\n\x12ListWorkersRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\":\n\x10ListWorkersReply\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo*|\n\x0bKVEventKind\x12\x1d\n\x19KV_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_EVENT_KIND_STORED\x10\x01\x12\x19\n\x15KV_EVENT_KIND_REMOVED\x10\x02\x12\x19\n\x15KV_EVENT_KIND_CLEARED\x10\x03*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\xe9\x02\n\nCacheStore\x12@\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x18.kvmesh.v1.RegisterReply\x12\x43\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x19.kvmesh.v1.HeartbeatReply\x12I\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1b.kvmesh.v1.ListWorkersReply\x12M\n\x0fPublishKVEvents\x12\x17.kvmesh.v1.KVEventBatch\x1a\x1f.kvmesh.v1.PublishKVEventsReply(\x01\x12:\n\x06Lookup\x12\x18.kvmesh.v1.LookupRequest\x1a\x16.kvmesh.v1.LookupReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvmesh/v1/cache_store.proto\x12\tkvmesh.v1\"E\n\x07KVEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.kvmesh.v1.KVEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"E\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.kvmesh.v1.KVEvent\"*\n\x14PublishKVEventsReply\x12\x12\n\nnum_events\x18\x01 \x01(\x03\"%\n\rLookupRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"4\n\x0bPrefixMatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\"6\n\x0bLookupReply\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.PrefixMatch\"i\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x17\n\x0fnum_blocks_free\x18\x03 \x01(\x05\x12\x18\n\x10num_blocks_total\x18\x04 \x01(\x05\"\xd5\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12#\n\x04load\x18\x06 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x19\n\x11\x62lock_size_tokens\x18\x08 \x01(\r\"8\n\x0fRegisterRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\"A\n\rRegisterReply\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\x12\x11\n\texpiry_ms\x18\x02 \x01(\x03\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"9\n\x12ListWorkersRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\":\n\x10ListWorkersReply\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo*|\n\x0bKVEventKind\x12\x1d\n\x19KV_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_EVENT_KIND_STORED\x10\x01\x12\x19\n\x15KV_EVENT_KIND_REMOVED\x10\x02\x12\x19\n\x15KV_EVENT_KIND_CLEARED\x10\x03*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\xe9\x02\n\nCacheStore\x12@\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x18.kvmesh.v1.RegisterReply\x12\x43\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x19.kvmesh.v1.HeartbeatReply\x12I\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1b.kvmesh.v1.ListWorkersReply\x12M\n\x0fPublishKVEvents\x12\x17.kvmesh.v1.KVEventBatch\x1a\x1f.kvmesh.v1.PublishKVEventsReply(\x01\x12:\n\x06Lookup\x12\x18.kvmesh.v1.LookupRequest\x1a\x16.kvmesh.v1.LookupReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.cache_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVEVENTKIND']._serialized_start=1026
-  _globals['_KVEVENTKIND']._serialized_end=1150
-  _globals['_WORKERROLE']._serialized_start=1152
-  _globals['_WORKERROLE']._serialized_end=1242
+  _globals['_KVEVENTKIND']._serialized_start=1053
+  _globals['_KVEVENTKIND']._serialized_end=1177
+  _globals['_WORKERROLE']._serialized_start=1179
+  _globals['_WORKERROLE']._serialized_end=1269
   _globals['_KVEVENT']._serialized_start=42
   _globals['_KVEVENT']._serialized_end=111
   _globals['_KVEVENTBATCH']._serialized_start=113
@@ -50,19 +50,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERLOAD']._serialized_start=377
   _globals['_WORKERLOAD']._serialized_end=482
   _globals['_WORKERINFO']._serialized_start=485
-  _globals['_WORKERINFO']._serialized_end=671
-  _globals['_REGISTERREQUEST']._serialized_start=673
-  _globals['_REGISTERREQUEST']._serialized_end=729
-  _globals['_REGISTERREPLY']._serialized_start=731
-  _globals['_REGISTERREPLY']._serialized_end=796
-  _globals['_HEARTBEATREQUEST']._serialized_start=798
-  _globals['_HEARTBEATREQUEST']._serialized_end=872
-  _globals['_HEARTBEATREPLY']._serialized_start=874
-  _globals['_HEARTBEATREPLY']._serialized_end=905
-  _globals['_LISTWORKERSREQUEST']._serialized_start=907
-  _globals['_LISTWORKERSREQUEST']._serialized_end=964
-  _globals['_LISTWORKERSREPLY']._serialized_start=966
-  _globals['_LISTWORKERSREPLY']._serialized_end=1024
-  _globals['_CACHESTORE']._serialized_start=1245
-  _globals['_CACHESTORE']._serialized_end=1606
+  _globals['_WORKERINFO']._serialized_end=698
+  _globals['_REGISTERREQUEST']._serialized_start=700
+  _globals['_REGISTERREQUEST']._serialized_end=756
+  _globals['_REGISTERREPLY']._serialized_start=758
+  _globals['_REGISTERREPLY']._serialized_end=823
+  _globals['_HEARTBEATREQUEST']._serialized_start=825
+  _globals['_HEARTBEATREQUEST']._serialized_end=899
+  _globals['_HEARTBEATREPLY']._serialized_start=901
+  _globals['_HEARTBEATREPLY']._serialized_end=932
+  _globals['_LISTWORKERSREQUEST']._serialized_start=934
+  _globals['_LISTWORKERSREQUEST']._serialized_end=991
+  _globals['_LISTWORKERSREPLY']._serialized_start=993
+  _globals['_LISTWORKERSREPLY']._serialized_end=1051
+  _globals['_CACHESTORE']._serialized_start=1272
+  _globals['_CACHESTORE']._serialized_end=1633
 # @@protoc_insertion_point(module_scope)

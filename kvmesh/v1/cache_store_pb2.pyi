@@ -82,7 +82,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_blocks_total: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "host_id", "transports", "load", "model_fingerprint")
+    __slots__ = ("worker_id", "role", "address", "host_id", "transports", "load", "model_fingerprint", "block_size_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class WorkerInfo(_message.Message):
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -97,7 +98,8 @@ class WorkerInfo(_message.Message):
     transports: _containers.RepeatedScalarFieldContainer[str]
     load: WorkerLoad
     model_fingerprint: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    block_size_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., block_size_tokens: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker",)

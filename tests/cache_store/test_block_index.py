@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cache_store.index import BlockIndex, KVEventKind
+from cache_store.index import BlockIndex
 from kvmesh.engine.block_hash import hash_blocks, namespace_hash
+from kvmesh.engine.kv_event import KVEvent, KVEventKind
 
 BLOCK_SIZE = 4
 
@@ -16,10 +17,18 @@ def make_hashes(num_blocks: int, salt: str = "") -> list[bytes]:
     return hash_blocks(namespace_hash("test-model", salt), token_ids, BLOCK_SIZE)
 
 
+def stored(block_hashes: list[bytes]) -> KVEvent:
+    return KVEvent(KVEventKind.STORED, tuple(block_hashes))
+
+
+def removed(block_hashes: list[bytes]) -> KVEvent:
+    return KVEvent(KVEventKind.REMOVED, tuple(block_hashes))
+
+
 def make_index(**held: list[bytes]) -> BlockIndex:
     index = BlockIndex()
     for worker_id, block_hashes in held.items():
-        index.apply(worker_id, KVEventKind.STORED, block_hashes)
+        index.apply(worker_id, stored(block_hashes))
     return index
 
 
@@ -45,9 +54,9 @@ def test_a_different_prompt_or_tenant_matches_nothing() -> None:
 def test_removed_hashes_shorten_the_prefix() -> None:
     prompt = make_hashes(5)
     index = make_index(w0=prompt, w1=prompt)
-    index.apply("w0", KVEventKind.REMOVED, [prompt[2], make_hashes(1, salt="never-stored")[0]])
+    index.apply("w0", removed([prompt[2], make_hashes(1, salt="never-stored")[0]]))
     assert index.longest_prefixes(prompt) == {"w0": 2, "w1": 5}
-    index.apply("w1", KVEventKind.REMOVED, prompt)
+    index.apply("w1", removed(prompt))
     assert index.longest_prefixes(prompt) == {"w0": 2}
     assert (index.num_hashes, index.num_workers) == (4, 1)
 
@@ -55,19 +64,19 @@ def test_removed_hashes_shorten_the_prefix() -> None:
 def test_cleared_takes_all_of_one_workers_hashes() -> None:
     prompt = make_hashes(3)
     index = make_index(w0=prompt, w1=prompt[:1])
-    index.apply("w0", KVEventKind.CLEARED)
+    index.apply("w0", KVEvent(KVEventKind.CLEARED))
     assert index.longest_prefixes(prompt) == {"w1": 1}
     assert (index.num_hashes, index.num_workers) == (1, 1)
     with pytest.raises(ValueError, match="CLEARED"):
-        index.apply("w1", KVEventKind.CLEARED, prompt[:1])
+        KVEvent(KVEventKind.CLEARED, tuple(prompt[:1]))
 
 
 def test_stored_again_is_idempotent() -> None:
     prompt = make_hashes(3)
     index = make_index(w0=prompt)
-    index.apply("w0", KVEventKind.STORED, prompt[:2])
-    index.apply("w0", KVEventKind.STORED, [])
-    index.apply("w1", KVEventKind.STORED, [])
+    index.apply("w0", stored(prompt[:2]))
+    index.apply("w0", stored([]))
+    index.apply("w1", stored([]))
     assert index.longest_prefixes(prompt) == {"w0": 3}
     assert (index.num_hashes, index.num_workers) == (3, 1)
 

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cache_store.registry import WorkerRegistry
+from cache_store.registry import IncompatibleWorker, WorkerRegistry
 from cache_store.server import SERVICE_NAME, CacheStoreConfig, serve
 from kvmesh.mesh.server import wait_for_serving
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
@@ -34,17 +34,25 @@ class FakeClock:
         return self.now_s
 
 
-def make_worker(worker_id: str = "d0", role: WorkerRole = WorkerRole.DECODE) -> WorkerInfo:
-    return WorkerInfo(worker_id=worker_id, role=role, address=f"127.0.0.1:{9000 + len(worker_id)}")
+def make_worker(
+    worker_id: str = "d0", role: WorkerRole = WorkerRole.DECODE, block_size: int = 16
+) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id, role=role, address=f"127.0.0.1:{9000 + len(worker_id)}", block_size=block_size
+    )
 
 
 def make_worker_proto(
-    worker_id: str = "d0", role: pb.WorkerRole = pb.WORKER_ROLE_DECODE, address: str = "127.0.0.1:9001"
+    worker_id: str = "d0",
+    role: pb.WorkerRole = pb.WORKER_ROLE_DECODE,
+    address: str = "127.0.0.1:9001",
+    block_size_tokens: int = 16,
 ) -> pb.WorkerInfo:
     return pb.WorkerInfo(
         worker_id=worker_id,
         role=role,
         address=address,
+        block_size_tokens=block_size_tokens,
         host_id="host-a",
         transports=["shm", "grpc"],
         load=pb.WorkerLoad(num_blocks_free=10, num_blocks_total=16),
@@ -112,9 +120,28 @@ def test_registry_expire_reports_a_worker_that_heartbeats_too_late() -> None:
 def test_registry_register_again_replaces() -> None:
     registry = WorkerRegistry(expiry_ms=1000, clock=FakeClock())
     registry.register(make_worker("d0"))
-    moved = WorkerInfo(worker_id="d0", role=WorkerRole.DECODE, address="10.0.0.2:7000")
+    moved = WorkerInfo(worker_id="d0", role=WorkerRole.DECODE, address="10.0.0.2:7000", block_size=16)
     registry.register(moved)
     assert registry.list_workers() == [moved]
+
+
+def test_registry_refuses_a_worker_of_another_block_size() -> None:
+    clock = FakeClock()
+    registry = WorkerRegistry(expiry_ms=1000, clock=clock)
+    registry.register(make_worker("d0"))
+    registry.register(make_worker("p1", WorkerRole.PREFILL))
+    with pytest.raises(IncompatibleWorker) as raised:
+        registry.register(make_worker("d2", block_size=32))
+    assert str(raised.value).startswith("worker d2 has block_size 32, the mesh's workers have 16")
+    with pytest.raises(IncompatibleWorker):  # re-registering does not change a worker's block size either
+        registry.register(make_worker("d0", block_size=32))
+    assert [(w.worker_id, w.block_size) for w in registry.list_workers()] == [("d0", 16), ("p1", 16)]
+    # Once the old workers are gone (expired, even before a sweep), the next one sets the block size.
+    clock.now_s += 1.5
+    registry.register(make_worker("d2", block_size=32))
+    assert [(w.worker_id, w.block_size) for w in registry.list_workers()] == [("d2", 32)]
+    registry.register(make_worker("d2", block_size=8))  # a lone worker may restart with another one
+    assert [w.block_size for w in registry.list_workers()] == [8]
 
 
 def test_registry_unknown_heartbeat() -> None:
@@ -192,11 +219,13 @@ def test_silent_worker_expires() -> None:
                     worker_id="d0",
                     role=pb.WORKER_ROLE_DECODE,
                     address="127.0.0.1:1",
+                    block_size_tokens=16,
                     load=pb.WorkerLoad(num_blocks_free=5, num_blocks_total=4),
                 )
             ),
             "worker.load.num_blocks_free",
         ),
+        (pb.RegisterRequest(worker=make_worker_proto(block_size_tokens=0)), "worker.block_size_tokens"),
     ],
 )
 def test_register_rejects_bad_input(request_: pb.RegisterRequest, field: str) -> None:
@@ -207,6 +236,20 @@ def test_register_rejects_bad_input(request_: pb.RegisterRequest, field: str) ->
         return raised.value.details() or ""
 
     assert field in run_with_store(body)
+
+
+def test_register_refuses_a_worker_of_another_block_size() -> None:
+    async def body(stub: cache_store_pb2_grpc.CacheStoreStub, _: grpc.aio.Channel) -> None:
+        await stub.Register(pb.RegisterRequest(worker=make_worker_proto("d0")), timeout=10)
+        mismatched = make_worker_proto("p1", pb.WORKER_ROLE_PREFILL, "127.0.0.1:9002", block_size_tokens=32)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Register(pb.RegisterRequest(worker=mismatched), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "worker p1 has block_size 32, the mesh's workers have 16" in (raised.value.details() or "")
+        listed = await stub.ListWorkers(pb.ListWorkersRequest(), timeout=10)
+        assert [(w.worker_id, w.block_size_tokens) for w in listed.workers] == [("d0", 16)]
+
+    run_with_store(body)
 
 
 def test_heartbeat_rejects_bad_input() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cache_store.server import CacheStoreConfig
 from decode_service.config import DecodeConfig
 from gateway.config import GatewayConfig
+from gateway.routing_cost import RoutingConfig
 from kvmesh.cli.launcher import SERVING_LINE
 from kvmesh.cli.main import build_parser, main
 from kvmesh.cli.settings import (
@@ -72,7 +74,7 @@ def test_decode_flags_and_variables() -> None:
         "2",
         environ={
             "KVMESH_PORT": "9999",
-            "KVMESH_MAX_BATCH_SIZE": "8",
+            "KVMESH_MAX_NUM_SEQS": "8",
             "KVMESH_MODEL": "/env/model",
             "KVMESH_NUM_BLOCKS": "none",
         },
@@ -80,10 +82,10 @@ def test_decode_flags_and_variables() -> None:
     config = settings.config
     assert isinstance(config, DecodeConfig)
     assert config.server.port == 7001  # the flag wins over KVMESH_PORT
-    assert config.max_batch_size == 8  # the variable wins over the default
+    assert config.model.engine.max_num_seqs == 8  # the variable wins over the default
     assert config.model.path == "/env/model"
-    assert config.model.kv_cache_bytes == 64 * 1024 * 1024
-    assert config.model.num_blocks is None
+    assert config.model.engine.kv_cache_bytes == 64 * 1024 * 1024
+    assert config.model.engine.num_blocks is None
     assert config.model.num_threads == settings.num_threads == 2
     assert config.registration.cache_store_address == "10.0.0.1:7000"
     assert config.registration.transports == ("grpc",)
@@ -124,14 +126,39 @@ def test_gateway_config() -> None:
         "2MiB",
         "--transport",
         "grpc",
-        environ={"KVMESH_USE_PREFILL_MIN_TOKENS": "64", "KVMESH_REQUEST_TIMEOUT_S": "5"},
+        "--disagg-min-tokens",
+        "128",
+        "--decode-load-weight",
+        "2.5",
+        environ={
+            "KVMESH_USE_PREFILL_MIN_TOKENS": "64",
+            "KVMESH_REQUEST_TIMEOUT_S": "5",
+            "KVMESH_MAX_LOAD_IMBALANCE": "7",
+            "KVMESH_BLOCK_SIZE": "32",  # a worker setting (`kvmesh up` shares one environment): not read
+        },
     )
     config = settings.config
     assert isinstance(config, GatewayConfig)
-    assert (config.server.port, config.model_path, config.transport) == (50051, "/m", "grpc")
-    assert config.max_request_bytes == 2 * 1024 * 1024
-    assert config.use_prefill_min_tokens == 64 and config.request_timeout_s == 5.0
+    assert (config.server.port, config.model_path) == (50051, "/m")
+    assert config.max_request_bytes == 2 * 1024 * 1024 and config.request_timeout_s == 5.0
     assert (config.max_tokens_limit, config.default_max_tokens, config.refresh_ms) == (1024, 64, 500)
+    # The routing flags and variables make the nested RoutingConfig, every field of it.
+    assert config.routing == RoutingConfig(
+        disagg_min_tokens=128,
+        decode_load_weight=2.5,
+        max_load_imbalance=7,
+        use_prefill_min_tokens=64,
+        transport="grpc",
+    )
+    assert "block_size" not in {f.name for f in dataclasses.fields(config)}
+    defaults = settings_for("serve", "gateway", "--cache-store", "store:1", "--model", "/m").config
+    assert isinstance(defaults, GatewayConfig) and defaults.routing == RoutingConfig()
+
+
+def test_gateway_has_no_block_size_flag() -> None:
+    # The gateway hashes prompts in the block size the workers advertise (gateway.router.WorkerPool).
+    with pytest.raises(SystemExit):
+        settings_for("serve", "gateway", "--cache-store", "store:1", "--block-size", "32")
 
 
 @pytest.mark.parametrize(

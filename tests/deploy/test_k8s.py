@@ -115,8 +115,8 @@ def test_workers_register_their_pod_ip(rendered: dict[str, list[dict[str, Any]]]
     roles = by_role(rendered[overlay])
     for role in WORKERS:
         assert roles[role].downward.get("KVMESH_ADVERTISE_HOST") == "status.podIP"
-    block_sizes = {roles[role].env.get("KVMESH_BLOCK_SIZE", "16") for role in ("gateway", *WORKERS)}
-    assert len(block_sizes) == 1, "the gateway hashes prompts in the workers' block size"
+    block_sizes = {roles[role].env.get("KVMESH_BLOCK_SIZE", "16") for role in WORKERS}
+    assert len(block_sizes) == 1, "the cache store refuses a worker whose block size differs from the others'"
 
 
 @each_overlay

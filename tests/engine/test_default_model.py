@@ -16,6 +16,7 @@ from gateway.layout import PromptLayout
 from gateway.server import EDIT_SLACK_TOKENS
 from kvmesh import default_model_path
 from kvmesh.client import Client
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.engine import Engine
 from kvmesh.engine.special_tokens import SPECIAL_TOKENS
 from kvmesh.engine.tokenizer import Tokenizer
@@ -71,7 +72,7 @@ def test_special_tokens_have_the_ids_the_layout_uses() -> None:
 
 @pytest.mark.usefixtures("single_thread")
 def test_logits_and_greedy_tokens_match_transformers() -> None:
-    engine = Engine.from_pretrained(MODEL, dtype="float32", device="cpu", prefill_chunk_size=40)
+    engine = Engine.from_pretrained(MODEL, "float32", "cpu", EngineConfig(prefill_chunk_size=40))
     prompt = PromptLayout(engine.tokenizer).edit(ORIGINAL, SNIPPET).token_ids
     reference = transformers.LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     with torch.no_grad():

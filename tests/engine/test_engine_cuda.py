@@ -12,7 +12,8 @@ import torch
 from gateway.layout import PromptLayout
 from kvmesh import default_model_path
 from kvmesh.engine.engine import Engine
-from kvmesh.engine.speculative import DraftCursor, generate_speculative
+from kvmesh.engine.generate import generate_speculative
+from kvmesh.engine.speculative import DraftCursor
 from tests.factories import make_engine, make_model_config, random_ids
 from training.edit_data import make_edit
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.engine import Engine
 from training.checkpoint import write_random_checkpoint
 
@@ -141,7 +142,9 @@ def case_checkpoint(
 
 def load_engine(path: Path, dtype: str = "float32") -> Engine:
     return Engine.from_pretrained(
-        path, dtype=dtype, block_size=BLOCK_SIZE, num_blocks=64, prefill_chunk_size=PREFILL_CHUNK_SIZE
+        path,
+        dtype,
+        config=EngineConfig(block_size=BLOCK_SIZE, num_blocks=64, prefill_chunk_size=PREFILL_CHUNK_SIZE),
     )
 
 
@@ -287,7 +290,7 @@ def edit_config(path: Path, **changes: Any) -> None:
 def assert_refused(path: Path, *needles: str) -> None:
     """Loading fails with a ValueError whose message names each needle (the field and its value)."""
     with pytest.raises(ValueError) as excinfo:
-        Engine.from_pretrained(path, num_blocks=8)
+        Engine.from_pretrained(path, config=EngineConfig(num_blocks=8))
     message = str(excinfo.value)
     for needle in needles:
         assert needle.lower() in message.lower(), f"{needle!r} not named in: {message}"
@@ -339,14 +342,14 @@ def test_missing_config_json_is_named(tmp_path: Path, make_hf_checkpoint: Any) -
     path = make_hf_checkpoint(tmp_path, "llama")
     (path / "config.json").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match=r"config\.json"):
-        Engine.from_pretrained(path, num_blocks=8)
+        Engine.from_pretrained(path, config=EngineConfig(num_blocks=8))
 
 
 def test_malformed_config_json_is_named(tmp_path: Path, make_hf_checkpoint: Any) -> None:
     path = make_hf_checkpoint(tmp_path, "llama")
     (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
     with pytest.raises(ValueError, match=r"config\.json"):
-        Engine.from_pretrained(path, num_blocks=8)
+        Engine.from_pretrained(path, config=EngineConfig(num_blocks=8))
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
@@ -355,7 +358,7 @@ def test_missing_safetensors_is_named(sharded: bool, tmp_path: Path, make_hf_che
     victim = sorted(path.glob("*.safetensors"))[-1]
     victim.unlink()
     with pytest.raises((FileNotFoundError, ValueError), match=r"safetensors"):
-        Engine.from_pretrained(path, num_blocks=8)
+        Engine.from_pretrained(path, config=EngineConfig(num_blocks=8))
 
 
 def test_missing_tensor_is_named(tmp_path: Path, make_hf_checkpoint: Any) -> None:
@@ -364,4 +367,4 @@ def test_missing_tensor_is_named(tmp_path: Path, make_hf_checkpoint: Any) -> Non
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
-        Engine.from_pretrained(path, num_blocks=8)
+        Engine.from_pretrained(path, config=EngineConfig(num_blocks=8))

@@ -6,7 +6,9 @@ import torch
 
 from kvmesh.engine.block_hash import hash_blocks, namespace_hash
 from kvmesh.engine.block_manager import BlockAllocator
-from kvmesh.engine.engine import Engine, EngineConfig
+from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.engine import Engine
+from kvmesh.engine.kv_event import KVEventKind
 from tests.factories import make_engine, make_model, make_tokenizer, random_ids
 
 
@@ -60,7 +62,7 @@ def test_eviction_is_least_recently_used_first_and_recorded():
     blocks = allocator.allocate(4)
     for block, block_hash in zip(blocks, hashes, strict=True):
         allocator.cache_block(block, block_hash)
-    assert [e.kind for e in allocator.take_events()] == ["stored"] * 4
+    assert [e.kind for e in allocator.take_events()] == [KVEventKind.STORED] * 4
     allocator.free([blocks[2]])
     allocator.free([blocks[0]])
     allocator.free([blocks[3], blocks[1]])
@@ -84,8 +86,8 @@ def test_eviction_events_name_the_evicted_hashes_in_order():
     allocator.allocate(2)
     events = allocator.take_events()
     assert [(e.kind, e.block_hashes) for e in events] == [
-        ("removed", (hashes[1],)),
-        ("removed", (hashes[0],)),
+        (KVEventKind.REMOVED, (hashes[1],)),
+        (KVEventKind.REMOVED, (hashes[0],)),
     ]
     assert allocator.inventory() == []
 

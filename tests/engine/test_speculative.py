@@ -14,15 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmesh.engine.engine import Engine
-from kvmesh.engine.kv_cache import OutOfBlocks
+from kvmesh.engine.generate import generate_speculative, generate_speculative_batch
 from kvmesh.engine.sampling import SamplingParams
-from kvmesh.engine.speculative import (
-    DraftCursor,
-    SpecStats,
-    generate_speculative,
-    generate_speculative_batch,
-    speculative_step,
-)
+from kvmesh.engine.scheduler import Scheduler
+from kvmesh.engine.speculative import DraftCursor, SpecStats
 from tests.factories import make_engine, make_model_config, random_ids
 
 SHAPES = {
@@ -210,7 +205,7 @@ def test_rejected_drafts_are_rolled_back_and_a_second_run_is_identical():
 
 
 def test_every_step_leaves_exactly_the_kept_tokens_computed_and_their_blocks_held():
-    """Sequences with and without drafts, stepped together: after every pass each unfinished one has one
+    """Sequences with and without drafts, scheduled together: after every pass each unfinished one has one
     uncomputed token, blocks for its computed tokens only, and the pool holds nothing else."""
     engine = make_engine(block_size=4)
     prompts = [random_ids(n, seed=n) for n in (5, 9, 14)]
@@ -220,21 +215,22 @@ def test_every_step_leaves_exactly_the_kept_tokens_computed_and_their_blocks_hel
         None,
         DraftCursor.for_edit(free_runs[2][:7] + random_ids(4, seed=8) + free_runs[2][7:]),
     ]
+    scheduler = Scheduler(engine)
     seqs = [engine.add_sequence(p, engine_params(30)) for p in prompts]
-    for seq in seqs:
-        engine.append_token(seq, engine.sample([seq], [engine.prefill(seq)])[0])
-    running = [(s, c) for s, c in zip(seqs, cursors, strict=True)]
-    while running:
-        speculative_step(engine, running)
-        for seq, _ in running:
-            # A finished sequence may end on an accepted draft token, computed like the rest.
-            assert seq.num_computed_tokens == len(seq) - 1 or seq.finished
+    for seq, cursor in zip(seqs, cursors, strict=True):
+        seq.cursor = cursor
+        scheduler.add(seq)
+    while scheduler.has_work():
+        batch = scheduler.schedule()
+        scheduler.postprocess(batch, engine.run(batch))
+        for seq in scheduler.running:
+            assert seq.num_computed_tokens == len(seq) - 1
             assert len(seq.block_table) == -(-seq.num_computed_tokens // 4)
-        assert engine.pool_usage().num_blocks_used == sum(len(s.block_table) for s in seqs)
-        running = [(s, c) for s, c in running if not s.finished]
+        assert engine.pool_usage().num_blocks_used == sum(len(s.block_table) for s in scheduler.running)
     assert [s.output_token_ids for s in seqs] == free_runs
-    for seq in seqs:
-        engine.free(seq)
+    assert (
+        cursors[0].stats.accepted_prediction_tokens > 20 and cursors[2].stats.rejected_prediction_tokens > 0
+    )
     assert_pool_empty(engine)
 
 
@@ -255,31 +251,32 @@ def test_a_batch_of_mixed_drafts_equals_each_sequence_alone(seed, edits):
     assert_pool_empty(engine)
 
 
-def test_a_full_pool_verifies_without_the_draft_then_refuses_cleanly():
+def test_a_full_pool_verifies_without_the_draft_then_waits_for_blocks():
     engine = make_engine(block_size=4, num_blocks=4)
     prompt = random_ids(6)
     free_run = engine.generate(prompt, 8, ignore_eos=True)
+    scheduler = Scheduler(engine)
     seq = engine.add_sequence(prompt, engine_params(8))
-    engine.append_token(seq, engine.sample([seq], [engine.prefill(seq)])[0])
+    seq.cursor = cursor = DraftCursor.for_edit(free_run, num_draft_tokens=8)
+    scheduler.add(seq)
+    batch = scheduler.schedule()  # the prompt
+    scheduler.postprocess(batch, engine.run(batch))
     hog = engine.add_sequence(random_ids(8, seed=2), use_prefix_cache=False)
     engine.reserve(hog, 8)  # the pool is now full: seq's two blocks hold 8 tokens, a draft needs more
-    cursor = DraftCursor.for_edit(free_run[1:], num_draft_tokens=8)
-    assert speculative_step(engine, [(seq, cursor)]) == [free_run[1:2]]
-    assert speculative_step(engine, [(seq, cursor)]) == [free_run[2:3]]
-    assert cursor.num_draft_tokens == 2 and cursor.stats.rejected_prediction_tokens == 0
-    assert cursor.aligned  # an unverified draft is a miss for K, not for alignment
-    # seq's next token needs a third block: not even a plain step fits.
-    before = (list(seq.token_ids), seq.num_computed_tokens, list(seq.block_table))
-    with pytest.raises(OutOfBlocks):
-        speculative_step(engine, [(seq, cursor)])
-    assert (seq.token_ids, seq.num_computed_tokens, seq.block_table) == before
-
-
-def test_a_sequence_that_is_not_decoding_is_refused():
-    engine = make_engine()
-    seq = engine.add_sequence(random_ids(5))
-    with pytest.raises(ValueError, match="not decoding"):
-        speculative_step(engine, [(seq, DraftCursor.for_edit([1, 2, 3]))])
+    # Drafts shrink to the room left in seq's two blocks; then its next token needs a third block, and
+    # seq is preempted (its blocks freed) to wait, its output unchanged.
+    while (batch := scheduler.schedule()).items:
+        assert len(seq.block_table) == 2
+        scheduler.postprocess(batch, engine.run(batch))
+    assert cursor.stats.accepted_prediction_tokens > 0 and cursor.stats.rejected_prediction_tokens == 0
+    assert batch.preempted == [seq] and scheduler.waiting[0] is seq and seq.block_table == []
+    assert seq.output_token_ids == free_run[:3]
+    engine.free(hog)
+    while scheduler.has_work():
+        batch = scheduler.schedule()
+        scheduler.postprocess(batch, engine.run(batch))
+    assert seq.output_token_ids == free_run
+    assert_pool_empty(engine)
 
 
 # ---- the cursor alone -------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def test_route_span_names_workers_and_sizes_never_text(
     assert attributes["kvmesh.decode_worker"] == "d0"
     assert attributes["kvmesh.transport"] == ""
     assert attributes["kvmesh.disaggregated"] is False
-    assert attributes["kvmesh.prefill_reason"] == "no-prefill-worker"
+    assert attributes["kvmesh.prefill_reason"] == "short-uncached"
     assert attributes["kvmesh.decode_cached_blocks"] == 0
     (lookup,) = [s for s in spans if s.name == "cache_lookup"]
     assert lookup.parent is not None and lookup.parent.span_id == route.context.span_id

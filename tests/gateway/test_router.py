@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import grpc.aio
+import pytest
 
-from cache_store.server import CacheStoreConfig, serve, worker_to_proto
+from cache_store.server import CacheStoreConfig, serve
 from gateway.prefix_lookup import PrefixLookup
 from gateway.router import Router, WorkerPool
-from gateway.routing_cost import Candidate, RoutingConfig
+from gateway.routing_cost import Candidate, RoutingConfig, plan_route
 from kvmesh.engine.block_hash import hash_blocks, namespace_hash
+from kvmesh.mesh.convert import worker_to_proto
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 from tests.fake_decode import publish_blocks
@@ -27,29 +29,18 @@ def make_worker(
     host_id: str = "host-a",
     transports: tuple[str, ...] = ("shm", "grpc"),
     fingerprint: str = "model-a",
+    block_size: int = 16,
 ) -> WorkerInfo:
     return WorkerInfo(
         worker_id=worker_id,
         role=role,
         address=f"127.0.0.1:{9000 + int(worker_id[1:])}",
+        block_size=block_size,
         host_id=host_id,
         transports=transports,
         load=WorkerLoad(num_running, num_waiting, num_blocks_free, 16),
         model_fingerprint=fingerprint,
     )
-
-
-def pick_id(
-    pool: WorkerPool, role: WorkerRole = WorkerRole.DECODE, exclude: frozenset[str] = frozenset()
-) -> str | None:
-    worker = pool.pick(role, exclude)
-    return worker.worker_id if worker is not None else None
-
-
-def pick(pool: WorkerPool) -> WorkerInfo:
-    worker = pool.pick(WorkerRole.DECODE)
-    assert worker is not None
-    return worker
 
 
 def make_pool(*workers: WorkerInfo) -> WorkerPool:
@@ -58,37 +49,23 @@ def make_pool(*workers: WorkerInfo) -> WorkerPool:
     return pool
 
 
-def test_pick_least_loaded_then_most_free_blocks() -> None:
-    pool = make_pool(
-        make_worker("d0", num_running=2),
-        make_worker("d1", num_running=1, num_waiting=1),
-        make_worker("d2", num_running=1, num_blocks_free=4),
-        make_worker("d3", num_waiting=1, num_blocks_free=8),
-        make_worker("p4", WorkerRole.PREFILL),
-    )
-    # d2 and d3 both have load 1; d3 has more free blocks.
-    assert pick_id(pool) == "d3"
-    assert pick_id(pool, WorkerRole.PREFILL) == "p4"
-
-
-def test_pick_ties_go_to_the_lowest_id_and_none_without_workers() -> None:
-    pool = make_pool(make_worker("d1"), make_worker("d0"))
-    assert pick_id(pool) == "d0"
-    assert pool.pick(WorkerRole.PREFILL) is None
-    assert make_pool().pick(WorkerRole.DECODE) is None
-
-
 def test_in_flight_requests_spread_a_burst() -> None:
     d0, d1, d2 = make_worker("d0"), make_worker("d1"), make_worker("d2", num_running=1)
     pool = make_pool(d0, d1, d2)
-    picked = []
-    with pool.in_flight(pick(pool)):
-        picked.append(pick_id(pool))
-        with pool.in_flight(pick(pool)):
+
+    def route() -> WorkerInfo:
+        plan = plan_route(pool.snapshot(), {}, 40, RoutingConfig())
+        assert plan is not None
+        return plan.route.decode_worker
+
+    routed = []
+    with pool.in_flight(route()):
+        routed.append(route().worker_id)
+        with pool.in_flight(route()):
             assert pool.num_in_flight("d0") == 1 and pool.num_in_flight("d1") == 1
             # Every worker now has load 1: the tie goes to the lowest id again.
-            picked.append(pick_id(pool))
-    assert picked == ["d1", "d0"]
+            routed.append(route().worker_id)
+    assert routed == ["d1", "d0"]
     assert pool.num_in_flight("d0") == 0 and pool.num_in_flight("d1") == 0
     assert pool.load(d2) == 1
 
@@ -102,12 +79,6 @@ def test_in_flight_counts_survive_an_exception() -> None:
     except RuntimeError:
         pass
     assert pool.num_in_flight("d0") == 0
-
-
-def test_pick_excludes_failed_workers() -> None:
-    pool = make_pool(make_worker("d0"), make_worker("d1", num_running=5))
-    assert pick_id(pool, exclude=frozenset({"d0"})) == "d1"
-    assert pool.pick(WorkerRole.DECODE, exclude={"d0", "d1"}) is None
 
 
 def test_snapshot_holds_loads_with_in_flight_requests() -> None:
@@ -155,7 +126,7 @@ def test_refresh_follows_the_cache_store() -> None:
                     await asyncio.sleep(0.02)
                 assert [w.worker_id for w in pool.workers(WorkerRole.DECODE)] == ["d0", "d1"]
                 assert [w.worker_id for w in pool.workers(WorkerRole.PREFILL)] == ["p2"]
-                assert pick_id(pool) == "d1"  # d0 now reports 7 running
+                assert [pool.load(w) for w in pool.workers(WorkerRole.DECODE)] == [7, 3]  # d0's heartbeat
 
             # A cache store that goes away leaves the last known list in place.
             await store.stop(0)
@@ -187,8 +158,8 @@ def test_router_follows_the_cache_store_lookup_and_routes_by_load_without_it() -
                 for worker in workers:
                     await stub.Register(cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)))
             await pool.start()
-            lookup = PrefixLookup(pool.store_channel, block_size=16, timeout_s=1.0, backoff_s=60.0)
-            router = Router(pool, lookup, RoutingConfig(block_size=16, disagg_min_tokens=0))
+            lookup = PrefixLookup(pool.store_channel, timeout_s=1.0, backoff_s=60.0)
+            router = Router(pool, lookup, RoutingConfig(disagg_min_tokens=0))
 
             cold = await router.plan(PROMPT, "salt-1")
             assert cold is not None and cold.route.decode_worker.worker_id == "d0"
@@ -212,13 +183,51 @@ def test_router_follows_the_cache_store_lookup_and_routes_by_load_without_it() -
             down = await router.plan(PROMPT, "salt-1")
             assert down is not None and down.decode_cached_blocks == 0
             assert down.route.decode_worker.worker_id == "d0"
-            again = await lookup.find(PROMPT, "salt-1", [("d1", "model-a")])
+            again = await lookup.find(PROMPT, "salt-1", [("d1", "model-a")], 16)
             assert again.status == "failed"
         finally:
             await pool.close()
             await store.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_the_router_hashes_prompts_in_the_block_size_the_workers_advertise() -> None:
+    async def scenario() -> None:
+        store = await serve(CacheStoreConfig(heartbeat_interval_ms=1000, expiry_ms=60_000))
+        pool = WorkerPool(store.address, refresh_ms=10_000)
+        try:
+            router = Router(pool, PrefixLookup(pool.store_channel, timeout_s=1.0), RoutingConfig())
+            await pool.start()
+            assert pool.block_size is None and await router.plan(PROMPT, "") is None  # no worker yet
+
+            async with grpc.aio.insecure_channel(store.address) as channel:
+                stub = cache_store_pb2_grpc.CacheStoreStub(channel)
+                for worker in (make_worker("d0", block_size=8), make_worker("d1", block_size=8)):
+                    await stub.Register(cache_store_pb2.RegisterRequest(worker=worker_to_proto(worker)))
+            await pool.refresh()
+            assert pool.block_size == 8
+            # d1 holds the first 5 blocks of 8 tokens: found only if the gateway hashes in blocks of 8.
+            hashes = hash_blocks(namespace_hash("model-a", "salt-1"), PROMPT, 8)
+            await publish_blocks(store.address, "d1", hashes[:5])
+            plan = await router.plan(PROMPT, "salt-1")
+            assert plan is not None and plan.route.decode_worker.worker_id == "d1"
+            assert (plan.num_prompt_blocks, plan.decode_cached_blocks) == (12, 5)
+        finally:
+            await pool.close()
+            await store.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_pool_refuses_workers_of_different_block_sizes() -> None:
+    pool = make_pool(make_worker("d0"))
+    with pytest.raises(ValueError, match=r"different block sizes: \[16, 32\]"):
+        pool.update([make_worker("d0"), make_worker("d1", block_size=32)])
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d0"] and pool.block_size == 16
+    assert pool.snapshot().block_size == 16
+    pool.update([])
+    assert pool.block_size is None
 
 
 def test_lookup_of_a_hung_cache_store_ends_at_its_deadline() -> None:
@@ -229,18 +238,18 @@ def test_lookup_of_a_hung_cache_store_ends_at_its_deadline() -> None:
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         try:
-            lookup = PrefixLookup(lambda: channel, block_size=16, timeout_s=0.2)
+            lookup = PrefixLookup(lambda: channel, timeout_s=0.2)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            found = await lookup.find(PROMPT, "", [("d0", "model-a")])
+            found = await lookup.find(PROMPT, "", [("d0", "model-a")], 16)
             assert found.status == "failed" and found.cached_blocks == {}
             assert 0.2 <= loop.time() - started < 2.0
             # Backing off: the next lookups do not wait for the hung store.
             started = loop.time()
-            assert (await lookup.find(PROMPT, "", [("d0", "model-a")])).status == "skipped"
+            assert (await lookup.find(PROMPT, "", [("d0", "model-a")], 16)).status == "skipped"
             assert loop.time() - started < 0.1
             # Nothing to look up: a prompt shorter than a block.
-            assert (await lookup.find(PROMPT[:15], "", [("d0", "model-a")])).status == "skipped"
+            assert (await lookup.find(PROMPT[:15], "", [("d0", "model-a")], 16)).status == "skipped"
         finally:
             await channel.close()
             await server.stop(0)

@@ -22,7 +22,7 @@ from gateway.routing_cost import (
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 
 BLOCK = 16
-CONFIG = RoutingConfig(block_size=BLOCK, disagg_min_tokens=256, disagg_min_fraction=0.25)
+CONFIG = RoutingConfig(disagg_min_tokens=256)
 
 
 def worker(
@@ -33,11 +33,13 @@ def worker(
     host_id: str = "host-a",
     transports: tuple[str, ...] = ("shm", "grpc"),
     fingerprint: str = "model-a",
+    block_size: int = BLOCK,
 ) -> WorkerInfo:
     return WorkerInfo(
         worker_id=worker_id,
         role=role,
         address=f"127.0.0.1:{9000 + int(worker_id[1:])}",
+        block_size=block_size,
         host_id=host_id,
         transports=transports,
         load=WorkerLoad(0, 0, num_blocks_free, 100),
@@ -53,10 +55,11 @@ def prefill(worker_id: str, load: int = 0, **kwargs: object) -> Candidate:
     return Candidate(worker(worker_id, WorkerRole.PREFILL, **kwargs), load)  # type: ignore[arg-type]
 
 
-def snapshot(*candidates: Candidate) -> PoolSnapshot:
+def snapshot(*candidates: Candidate, block_size: int = BLOCK) -> PoolSnapshot:
     return PoolSnapshot(
         decode=tuple(c for c in candidates if c.worker.role == WorkerRole.DECODE),
         prefill=tuple(c for c in candidates if c.worker.role == WorkerRole.PREFILL),
+        block_size=block_size,
     )
 
 
@@ -107,7 +110,7 @@ def test_an_overloaded_holder_loses_its_prefix_to_the_next_best() -> None:
     over = plan(snapshot(decode("d0", 6), decode("d1", 2), decode("d2", 1)), 640, cached)
     assert ids(over)[0] == "d1" and over.num_overloaded == 1
     # The bound is the config's.
-    strict = RoutingConfig(block_size=BLOCK, max_load_imbalance=0)
+    strict = RoutingConfig(max_load_imbalance=0)
     assert ids(plan(snapshot(decode("d0", 2), decode("d1", 1)), 640, {"d0": 30}, strict))[0] == "d1"
 
 
@@ -121,7 +124,7 @@ def test_equal_prefixes_go_to_the_lower_total_cost() -> None:
 def test_decode_load_weight_scales_the_decode_cost() -> None:
     pool = snapshot(decode("d0", 3), prefill("p1"))
     assert plan(pool, 640).decode_cost == 3.0
-    heavy = RoutingConfig(block_size=BLOCK, decode_load_weight=2.5)
+    heavy = RoutingConfig(decode_load_weight=2.5)
     result = plan(pool, 640, config=heavy)
     assert result.decode_cost == 7.5
     assert result.total_cost == 7.5 + result.prefill_cost
@@ -140,12 +143,12 @@ def test_cached_blocks_are_clamped_to_the_prompt() -> None:
     ("num_tokens", "decode_cached", "disaggregated"),
     [
         (2000, 0, True),  # cold: 2000 uncached tokens
-        (2000, 120, False),  # 80 uncached: < 256 and < 500 (25%)
-        (2000, 110, False),  # 240 uncached: < 256 and < 500
-        (2000, 100, True),  # 400 uncached: < 500 but not < 256
-        (200, 0, True),  # 200 < 256, but all of the prompt (not < 50)
-        (200, 10, False),  # 40 < 256 and < 50
-        (4000, 200, True),  # 800 uncached: < 1000 (25%) but not < 256
+        (2000, 120, False),  # 80 uncached: < 256
+        (2000, 110, False),  # 240 uncached: < 256
+        (2000, 100, True),  # 400 uncached: not < 256
+        (200, 0, False),  # 200 < 256, all of the prompt: the share does not matter
+        (13, 0, False),  # a 13-token cold prompt: no hops and transfer for a few ms of work
+        (4000, 200, True),  # 800 uncached: not < 256
     ],
 )
 def test_a_short_uncached_part_stays_on_the_decode_worker(
@@ -160,21 +163,19 @@ def test_a_short_uncached_part_stays_on_the_decode_worker(
 def test_disaggregation_thresholds_are_strict_and_configurable() -> None:
     pool = snapshot(decode("d0"), prefill("p1"))
     # Exactly at the token threshold is not short.
-    at_tokens = RoutingConfig(block_size=BLOCK, disagg_min_tokens=160, disagg_min_fraction=1.0)
+    at_tokens = RoutingConfig(disagg_min_tokens=160)
     assert plan(pool, 1600, {"d0": 90}, at_tokens).disaggregated  # 160 uncached
     assert not plan(pool, 1600, {"d0": 91}, at_tokens).disaggregated  # 144 uncached
-    # Exactly at the fraction is not short.
-    at_fraction = RoutingConfig(block_size=BLOCK, disagg_min_tokens=10_000, disagg_min_fraction=0.1)
-    assert plan(pool, 1600, {"d0": 90}, at_fraction).disaggregated  # 160 = 10%
-    assert not plan(pool, 1600, {"d0": 91}, at_fraction).disaggregated
-    # Both at 0: always disaggregated while a prefill worker is there, even on a full hit.
-    never_local = RoutingConfig(block_size=BLOCK, disagg_min_tokens=0, disagg_min_fraction=0.0)
+    # A short uncached part stays local whatever share of the prompt it is: here all of it.
+    assert not plan(pool, 13, {}, at_tokens).disaggregated
+    # At 0: always disaggregated while a prefill worker is there, even on a full hit.
+    never_local = RoutingConfig(disagg_min_tokens=0)
     assert plan(pool, 1600, {"d0": 100}, never_local).disaggregated
 
 
 def test_short_prompts_never_use_a_prefill_worker() -> None:
     pool = snapshot(decode("d0"), prefill("p1"))
-    config = RoutingConfig(block_size=BLOCK, use_prefill_min_tokens=101)
+    config = RoutingConfig(use_prefill_min_tokens=101, disagg_min_tokens=0)
     result = plan(pool, 100, config=config)
     assert not result.disaggregated and result.prefill_reason == "short-prompt"
     assert plan(pool, 101, config=config).disaggregated
@@ -236,9 +237,9 @@ def test_transports() -> None:
     pool = snapshot(decode("d0"), same_host, other_host)
     auto = plan(pool, 2000)
     assert ids(auto) == ("d0", "p2") and auto.route.transport == "grpc"
-    shm = plan(pool, 2000, config=RoutingConfig(block_size=BLOCK, transport="shm"))
+    shm = plan(pool, 2000, config=RoutingConfig(transport="shm"))
     assert ids(shm) == ("d0", "p1") and shm.route.transport == "shm"
-    forced = plan(pool, 2000, {"p1": 100}, RoutingConfig(block_size=BLOCK, transport="grpc"))
+    forced = plan(pool, 2000, {"p1": 100}, RoutingConfig(transport="grpc"))
     assert ids(forced) == ("d0", "p1") and forced.route.transport == "grpc"
     only_other = plan(snapshot(decode("d0"), other_host), 2000, config=RoutingConfig(transport="shm"))
     assert only_other.prefill_reason == "no-prefill-worker"
@@ -284,9 +285,7 @@ def test_attributes_name_the_decision_and_its_inputs() -> None:
 
 def test_config_checks_its_fields() -> None:
     for bad in (
-        {"block_size": 0},
         {"disagg_min_tokens": -1},
-        {"disagg_min_fraction": 1.5},
         {"decode_load_weight": -1.0},
         {"max_load_imbalance": -1},
         {"use_prefill_min_tokens": -1},
@@ -296,6 +295,16 @@ def test_config_checks_its_fields() -> None:
             RoutingConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_blocks_are_the_ones_the_workers_advertise() -> None:
+    eight = plan(snapshot(decode("d0", block_size=8), block_size=8), 100, {"d0": 3})
+    assert (eight.num_prompt_blocks, eight.decode_cached_blocks) == (12, 3)
+    assert eight.prefill_cost == 10.0  # 100 - 3 * 8 = 76 tokens to compute: 10 blocks of 8
+    with pytest.raises(ValueError, match=r"block sizes \[16, 32\]"):
+        snapshot(decode("d0"), decode("d1", block_size=32))
+    with pytest.raises(ValueError, match="block sizes"):
+        snapshot(decode("d0"), block_size=8)
+
+
 # --- random pools against the rules ----------------------------------------------------------------------
 
 
@@ -303,8 +312,14 @@ def test_config_checks_its_fields() -> None:
 def routing_inputs(draw: st.DrawFn) -> tuple[PoolSnapshot, dict[str, int], int, RoutingConfig]:
     num_decode = draw(st.integers(1, 4))
     num_prefill = draw(st.integers(0, 3))
+    block_size = draw(st.sampled_from([4, 16]))
     candidates = [
-        decode(f"d{i}", draw(st.integers(0, 12)), fingerprint=draw(st.sampled_from(["a", "b"])))
+        decode(
+            f"d{i}",
+            draw(st.integers(0, 12)),
+            fingerprint=draw(st.sampled_from(["a", "b"])),
+            block_size=block_size,
+        )
         for i in range(num_decode)
     ] + [
         prefill(
@@ -312,20 +327,19 @@ def routing_inputs(draw: st.DrawFn) -> tuple[PoolSnapshot, dict[str, int], int, 
             draw(st.integers(0, 12)),
             fingerprint=draw(st.sampled_from(["a", "b"])),
             host_id=draw(st.sampled_from(["h1", "h2"])),
+            block_size=block_size,
         )
         for i in range(num_prefill)
     ]
     num_tokens = draw(st.integers(1, 4000))
     cached = {c.worker_id: draw(st.integers(0, 300)) for c in candidates if draw(st.booleans())}
     config = RoutingConfig(
-        block_size=draw(st.sampled_from([4, 16])),
         disagg_min_tokens=draw(st.integers(0, 600)),
-        disagg_min_fraction=draw(st.floats(0.0, 1.0)),
         decode_load_weight=draw(st.floats(0.0, 10.0)),
         max_load_imbalance=draw(st.integers(0, 6)),
         transport=draw(st.sampled_from(["auto", "shm", "grpc"])),
     )
-    return snapshot(*candidates), cached, num_tokens, config
+    return snapshot(*candidates, block_size=block_size), cached, num_tokens, config
 
 
 @settings(max_examples=300, deadline=None)
@@ -336,7 +350,7 @@ def test_random_pools_obey_the_rules(inputs: tuple[PoolSnapshot, dict[str, int],
     result = plan(pool, num_tokens, cached, config)
     assert plan(pool, num_tokens, cached, config) == result  # pure
     assert (pool, cached) == frozen  # inputs untouched
-    num_blocks = num_tokens // config.block_size
+    num_blocks = num_tokens // pool.block_size
 
     def held(worker_id: str) -> int:
         return min(cached.get(worker_id, 0), num_blocks)
@@ -346,8 +360,8 @@ def test_random_pools_obey_the_rules(inputs: tuple[PoolSnapshot, dict[str, int],
     eligible = [c for c in pool.decode if c.load - min_load <= config.max_load_imbalance]
     assert chosen.worker_id in {c.worker_id for c in eligible}
     assert result.decode_cached_blocks == held(chosen.worker_id) == max(held(c.worker_id) for c in eligible)
-    need = num_tokens - result.decode_cached_blocks * config.block_size
-    short = need < config.disagg_min_tokens and need < config.disagg_min_fraction * num_tokens
+    need = num_tokens - result.decode_cached_blocks * pool.block_size
+    short = need < config.disagg_min_tokens
     if result.disaggregated:
         prefill_worker = result.route.prefill_worker
         assert prefill_worker is not None and not short

@@ -16,6 +16,8 @@ import grpc
 import grpc.aio
 import pytest
 
+from gateway.config import GatewayConfig
+from gateway.routing_cost import RoutingConfig
 from gateway.tenancy import ANONYMOUS, Authenticator, Identity, TenantKeys, presented_key, tenant_salt
 from kvmesh.cli.settings import ROLE_OPTIONS, add_options, role_settings
 from kvmesh.client import Client
@@ -160,13 +162,12 @@ def test_gateway_settings_read_the_keys_file_and_routing_flags(tmp_path: Path) -
 
     parser = argparse.ArgumentParser()
     add_options(parser, ROLE_OPTIONS["gateway"])
-    args = parser.parse_args(["--cache-store", "h:1", "--model", "/m", "--disagg-min-fraction", "0.5"])
-    environ = {"KVMESH_API_KEYS_FILE": "/etc/kvmesh/keys.json", "KVMESH_BLOCK_SIZE": "32"}
+    args = parser.parse_args(["--cache-store", "h:1", "--model", "/m", "--disagg-min-tokens", "64"])
+    environ = {"KVMESH_API_KEYS_FILE": "/etc/kvmesh/keys.json", "KVMESH_MAX_LOAD_IMBALANCE": "2"}
     config = role_settings("gateway", args, environ).config
-    assert config.api_keys_file == "/etc/kvmesh/keys.json"  # type: ignore[union-attr]
-    routing = config.routing()  # type: ignore[union-attr]
-    assert (routing.block_size, routing.disagg_min_fraction, routing.disagg_min_tokens) == (32, 0.5, 256)
-    assert routing.max_load_imbalance == 4
+    assert isinstance(config, GatewayConfig)
+    assert config.api_keys_file == "/etc/kvmesh/keys.json"
+    assert config.routing == RoutingConfig(disagg_min_tokens=64, max_load_imbalance=2)
     off = role_settings("gateway", parser.parse_args(["--cache-store", "h:1", "--model", "/m"]), {}).config
     assert off.api_keys_file is None  # type: ignore[union-attr]
 
@@ -182,7 +183,7 @@ def test_worker_settings_switch_prefix_caching_and_require_a_salt(tmp_path: Path
 
     def enabled(argv: list[str], environ: dict[str, str]) -> bool:
         config = role_settings("decode", parser.parse_args([*base, *argv]), environ).config
-        return config.model.enable_prefix_caching  # type: ignore[union-attr]
+        return config.model.engine.enable_prefix_caching  # type: ignore[union-attr]
 
     assert enabled([], {})
     assert not enabled(["--no-prefix-caching"], {})

@@ -19,9 +19,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.layout import PromptLayout
+from gateway.routing_cost import RoutingConfig
 from kvmesh.client import Client
 from kvmesh.engine.engine import Engine
-from kvmesh.engine.speculative import DraftCursor, generate_speculative
+from kvmesh.engine.generate import generate_speculative
+from kvmesh.engine.speculative import DraftCursor
 from kvmesh.mesh.telemetry import add_span_processor, setup_telemetry
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2
 from tests.engine.test_speculative import NUM_FREE_RUN, edit_lists, edited
@@ -68,7 +70,7 @@ def test_streamed_completion_equals_the_engine_in_process(
         str(model_path),
         num_prefill=num_prefill,
         worker_transports=worker_transports,
-        gateway={"transport": gateway_transport},
+        routing=RoutingConfig(transport=gateway_transport, disagg_min_tokens=0),
     )
     expected = expected_completion(engine, PREFIX, SUFFIX, 24)
     with MeshInThread(spec) as mesh:
@@ -89,7 +91,7 @@ def test_streamed_completion_equals_the_engine_in_process(
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
 def test_a_repeat_keystroke_reuses_the_cached_prefix_and_ships_only_the_rest(model_path, engine, transport):
-    spec = MeshSpec(str(model_path), gateway={"transport": transport})
+    spec = MeshSpec(str(model_path), routing=RoutingConfig(transport=transport, disagg_min_tokens=0))
     with MeshInThread(spec) as mesh:
         _, _, first = stream(mesh.gateway_address, prefix=PREFIX, suffix=SUFFIX, max_tokens=8)
         tokens, _, second = stream(mesh.gateway_address, prefix=PREFIX + "c", suffix=SUFFIX, max_tokens=8)
@@ -103,7 +105,9 @@ def test_a_repeat_keystroke_reuses_the_cached_prefix_and_ships_only_the_rest(mod
 
 
 def test_every_role_reports_serving_and_one_trace_spans_every_hop(model_path):
-    with MeshInThread(MeshSpec(str(model_path), gateway={"transport": "grpc"})) as mesh:
+    with MeshInThread(
+        MeshSpec(str(model_path), routing=RoutingConfig(transport="grpc", disagg_min_tokens=0))
+    ) as mesh:
         for name, server in mesh.servers.items():
             with grpc.insecure_channel(server.address) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -144,7 +148,9 @@ def _settled(mesh: MeshInThread, timeout_s: float = 10.0) -> dict:
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
 def test_cancelled_requests_free_every_block_and_leave_no_task(model_path, transport):
-    spec = MeshSpec(str(model_path), num_blocks=1024, gateway={"transport": transport})
+    spec = MeshSpec(
+        str(model_path), num_blocks=1024, routing=RoutingConfig(transport=transport, disagg_min_tokens=0)
+    )
     prefix = PREFIX * 12  # a few hundred tokens: the transfer takes a while
     rng = random.Random(7)
     with MeshInThread(spec) as mesh:
@@ -198,7 +204,9 @@ async def _task_names() -> list[str]:
 
 
 def test_a_full_decode_pool_answers_resource_exhausted(model_path):
-    spec = MeshSpec(str(model_path), num_blocks=8, gateway={"transport": "grpc"})
+    spec = MeshSpec(
+        str(model_path), num_blocks=8, routing=RoutingConfig(transport="grpc", disagg_min_tokens=0)
+    )
     with MeshInThread(spec) as mesh, pytest.raises(grpc.RpcError) as info:
         stream(mesh.gateway_address, prefix=PREFIX * 20, suffix=SUFFIX, max_tokens=4)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -213,7 +221,7 @@ SNIPPET = "def area(width, height):\n    # ... existing code ...\n    return rou
 def test_speculative_edit_streams_exactly_what_plain_greedy_decoding_gives(model_path, engine, transport):
     prompt = PromptLayout(engine.tokenizer).edit(ORIGINAL, SNIPPET)
     expected = engine.generate(prompt.token_ids, 40, ignore_eos=True)
-    spec = MeshSpec(str(model_path), gateway={"transport": transport})
+    spec = MeshSpec(str(model_path), routing=RoutingConfig(transport=transport, disagg_min_tokens=0))
     with MeshInThread(spec) as mesh:
         with Client(mesh.gateway_address) as client:
             for speculative in (True, False):
@@ -242,7 +250,9 @@ def test_speculative_edit_streams_exactly_what_plain_greedy_decoding_gives(model
 @pytest.fixture(scope="module")
 def speculative_mesh(model_path: Path):
     # Prefill on the prefill worker, KV over the gRPC stream: drafts are verified on shipped KV.
-    with MeshInThread(MeshSpec(str(model_path), gateway={"transport": "grpc"})) as mesh:
+    with MeshInThread(
+        MeshSpec(str(model_path), routing=RoutingConfig(transport="grpc", disagg_min_tokens=0))
+    ) as mesh:
         yield mesh
 
 

@@ -79,7 +79,9 @@ def start_mesh(
             if name != "cache-store":
                 role.wait_serving()
         wait_for_workers(store, 1 + num_decode)
-        roles["gateway"] = Role("gateway", *common, "--transport", transport, "--refresh-ms", "100")
+        roles["gateway"] = Role(
+            "gateway", *common, "--transport", transport, "--refresh-ms", "100", "--disagg-min-tokens", "0"
+        )
         roles["gateway"].wait_serving()
         return roles
     except BaseException:

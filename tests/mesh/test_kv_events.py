@@ -11,7 +11,9 @@ import pytest
 
 from cache_store.server import CacheStoreConfig, serve
 from kvmesh.engine.block_hash import hash_blocks, namespace_hash
-from kvmesh.mesh.kv_events import KVEvent, publish_kv_events
+from kvmesh.engine.kv_event import KVEvent, KVEventKind
+from kvmesh.mesh import kv_events
+from kvmesh.mesh.kv_events import publish_kv_events
 from kvmesh.mesh.server import RunningServer
 from kvmesh.v1 import cache_store_pb2 as pb
 from kvmesh.v1 import cache_store_pb2_grpc
@@ -35,11 +37,11 @@ class MemorySource:
 
     def store(self, block_hashes: Sequence[bytes]) -> None:
         self.held += [h for h in block_hashes if h not in self.held]
-        self.events.append(KVEvent("stored", tuple(block_hashes)))
+        self.events.append(KVEvent(KVEventKind.STORED, tuple(block_hashes)))
 
     def remove(self, block_hashes: Sequence[bytes]) -> None:
         self.held = [h for h in self.held if h not in block_hashes]
-        self.events.append(KVEvent("removed", tuple(block_hashes)))
+        self.events.append(KVEvent(KVEventKind.REMOVED, tuple(block_hashes)))
 
     def take_events(self) -> list[KVEvent]:
         events, self.events = self.events, []
@@ -52,7 +54,11 @@ class MemorySource:
 
 def make_worker_proto(worker_id: str) -> pb.WorkerInfo:
     return pb.WorkerInfo(
-        worker_id=worker_id, role=pb.WORKER_ROLE_DECODE, address="127.0.0.1:9001", model_fingerprint="fp"
+        worker_id=worker_id,
+        role=pb.WORKER_ROLE_DECODE,
+        address="127.0.0.1:9001",
+        model_fingerprint="fp",
+        block_size_tokens=BLOCK_SIZE,
     )
 
 
@@ -268,8 +274,20 @@ def test_lookup_rejects_a_bad_hash_length() -> None:
     run_with_store(body)
 
 
-def test_kv_event_checks_its_kind() -> None:
-    with pytest.raises(ValueError, match="kind"):
-        KVEvent("evicted", (PROMPT[0],))
-    with pytest.raises(ValueError, match="cleared"):
-        KVEvent("cleared", (PROMPT[0],))
+def test_a_cleared_kv_event_carries_no_hashes() -> None:
+    assert KVEvent(KVEventKind.CLEARED).block_hashes == ()
+    with pytest.raises(ValueError, match="CLEARED"):
+        KVEvent(KVEventKind.CLEARED, (PROMPT[0],))
+
+
+def test_inventory_is_cleared_then_stored_in_batches_of_bounded_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_events, "MAX_HASHES_PER_BATCH", 3)
+    batches = kv_events._inventory_batches("w0", PROMPT[:7])
+    assert [b.worker_id for b in batches] == ["w0"] * 3
+    assert [[(e.kind, list(e.block_hashes)) for e in b.events] for b in batches] == [
+        [(pb.KV_EVENT_KIND_CLEARED, []), (pb.KV_EVENT_KIND_STORED, PROMPT[:3])],
+        [(pb.KV_EVENT_KIND_STORED, PROMPT[3:6])],
+        [(pb.KV_EVENT_KIND_STORED, PROMPT[6:7])],
+    ]
+    [empty] = kv_events._inventory_batches("w0", [])
+    assert [e.kind for e in empty.events] == [pb.KV_EVENT_KIND_CLEARED]

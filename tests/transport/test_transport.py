@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import subprocess
 import sys
@@ -24,27 +23,20 @@ from kvmesh.transport import (
     KVChunk,
     KVChunkReceiver,
     KVDestination,
-    LocalPools,
     SharedKVPool,
     ShmSender,
     TransferError,
     TransferStats,
-    TransportInfo,
     attach,
     check_transfer,
-    choose_transport,
     copy_blocks,
     crc32_combine,
     grpc_stream,
     iter_chunks,
     make_sender,
-    register_local_pool,
     register_sender,
-    supported_transports,
-    unregister_local_pool,
 )
 from kvmesh.transport.base import block_runs, run_copy
-from kvmesh.transport.inproc import InprocSender
 from kvmesh.transport.shm import SHM_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -102,13 +94,6 @@ def destination_pool(transport: str, layout: KVLayout) -> Iterator[tuple[KVPool,
         pool, segment = SharedKVPool.create(layout)
         with segment:
             yield pool, segment.name
-    elif transport == "inproc":
-        pool = KVPool(layout)
-        register_local_pool("test-decode", pool)
-        try:
-            yield pool, "test-decode"
-        finally:
-            unregister_local_pool("test-decode")
     else:
         yield KVPool(layout), ""
 
@@ -134,7 +119,7 @@ def transfer(
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("transport", ["inproc", "shm", "grpc"])
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
 def test_round_trip_is_bit_exact(transport: str, dtype: torch.dtype, no_leaked_segments: None) -> None:
     src = make_pool(make_layout(dtype, num_blocks=12), seed=1)
     src_ids = [7, 2, 3, 4, 11, 0]  # a run (2, 3, 4) between scattered ids
@@ -429,32 +414,7 @@ def test_mismatched_layouts_are_a_clear_value_error() -> None:
     with pytest.raises(ValueError, match="repeat"):
         KVChunkReceiver(src, [3, 3])
     with pytest.raises(ValueError, match="wants transport 'grpc'"):
-        asyncio.run(InprocSender().send(src, [0], KVDestination("grpc", (0,), src.layout)))
-
-
-def test_inproc_destination_must_be_registered_and_alive() -> None:
-    pools = LocalPools()
-    sender = InprocSender(pools)
-    src = make_pool(make_layout(), seed=0)
-    dest = KVDestination("inproc", (0,), make_layout(), shm_name="decode-0")
-    with pytest.raises(TransferError, match="no KV pool"):
-        asyncio.run(sender.send(src, [1], dest))
-    dst = KVPool(make_layout())
-    pools.register("decode-0", dst)
-    with pytest.raises(ValueError, match="already registered"):
-        pools.register("decode-0", KVPool(make_layout()))
-    asyncio.run(sender.send(src, [1], dest))
-    assert torch.equal(bits(dst.kv[:, :, 0]), bits(src.kv[:, :, 1]))
-    with pytest.raises(ValueError, match="destination says layout"):
-        asyncio.run(
-            sender.send(
-                src, [1], KVDestination("inproc", (0,), make_layout(num_blocks=13), shm_name="decode-0")
-            )
-        )
-    del dst  # the registry holds pools weakly: a dropped pool is gone
-    gc.collect()  # (the ValueError's traceback above referenced it)
-    with pytest.raises(TransferError, match="no KV pool"):
-        asyncio.run(sender.send(src, [1], dest))
+        asyncio.run(ShmSender().send(src, [0], KVDestination("grpc", (0,), src.layout)))
 
 
 def test_cancelling_a_send_waits_for_the_copy() -> None:
@@ -476,27 +436,14 @@ def test_cancelling_a_send_waits_for_the_copy() -> None:
     asyncio.run(main())
 
 
-# -- choosing a transport, the registry ------------------------------------------------------------
+# -- the sender registry ---------------------------------------------------------------------------
 
 
-def test_choose_transport_prefers_the_closest() -> None:
-    local = TransportInfo.local("host-a")
-    assert local.transports == supported_transports() == ("inproc", "shm", "grpc")
-    assert choose_transport(local, TransportInfo.local("host-a")) == "inproc"
-    assert choose_transport(local, TransportInfo("host-a", "other-process", local.transports)) == "shm"
-    assert choose_transport(local, TransportInfo("host-b", "other-process", local.transports)) == "grpc"
-    assert choose_transport(local, TransportInfo("host-a", "other-process", ("grpc",))) == "grpc"
-    # An unknown host never counts as the same host.
-    assert (
-        choose_transport(TransportInfo.local(""), TransportInfo("", "other-process", local.transports))
-        == "grpc"
-    )
-    with pytest.raises(ValueError, match="no common transport"):
-        choose_transport(local, TransportInfo("host-a", "other-process", ("nccl",)))
+class _OtherSender(ShmSender):
+    """Another class, to register under a taken name."""
 
 
 def test_sender_registry() -> None:
-    assert isinstance(make_sender("inproc"), InprocSender)
     assert isinstance(make_sender("shm"), ShmSender)
     with pytest.raises(ValueError, match="stream transport"):
         make_sender("grpc")
@@ -504,7 +451,7 @@ def test_sender_registry() -> None:
         make_sender("carrier-pigeon")
     register_sender("shm", ShmSender)  # re-registering the same class is fine
     with pytest.raises(ValueError, match="already registered"):
-        register_sender("shm", InprocSender)
+        register_sender("shm", _OtherSender)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
