@@ -100,7 +100,8 @@ class Ours:
         self.engine = Engine.from_pretrained(path, dtype="float32")
 
     def prefill(self, token_ids: list[int]) -> None:
-        seq = self.engine.add_sequence(token_ids)
+        # NOTE: the same prompt every repeat: without use_prefix_cache=False the repeats are cache hits.
+        seq = self.engine.add_sequence(token_ids, use_prefix_cache=False)
         try:
             self.engine.prefill(seq)
         finally:

@@ -171,14 +171,17 @@ def measure_shm_attach(setup: BenchSetup, reps: int) -> BenchResult:
     """shm through the attach path, the sender and the segment's owner in this process."""
     dst, segment = SharedKVPool.create(setup.layout)
     with segment:
-        return _time_shm_sends("shm send (same process)", segment.name, setup, reps)
+        dest = segment.destination("bench", setup.dst_ids, host_id="", timeout_s=3600)
+        return _time_shm_sends("shm send (same process)", dest, setup, reps)
 
 
 def measure_shm_cross_process(setup: BenchSetup, reps: int) -> BenchResult:
     """shm from a second process (a prefill worker) into this process's pool (a decode worker)."""
     dst, segment = SharedKVPool.create(setup.layout)
     with segment:
+        dest = segment.destination("bench", setup.dst_ids, host_id="", timeout_s=3600)
         job: dict[str, object] = {"name": segment.name, "layout": _layout_json(setup.layout), "reps": reps}
+        job |= {"grant": dest.grant.hex(), "expires": dest.grant_expires_unix_ms}
         job |= {"src_ids": setup.src_ids, "dst_ids": setup.dst_ids, "threads": torch.get_num_threads()}
         result = subprocess.run(
             [sys.executable, __file__, "--shm-child", json.dumps(job)],
@@ -193,14 +196,24 @@ def _shm_child(job: dict) -> None:
     torch.set_num_threads(job["threads"])
     layout = _layout_from_json(job["layout"])
     setup = BenchSetup(layout, job["src_ids"], job["dst_ids"])
-    result = _time_shm_sends("shm send (other process)", job["name"], setup, job["reps"])
+    dest = KVDestination(
+        "shm",
+        tuple(setup.dst_ids),
+        layout,
+        job["name"],
+        "",
+        "bench",
+        bytes.fromhex(job["grant"]),
+        job["expires"],
+    )
+    result = _time_shm_sends("shm send (other process)", dest, setup, job["reps"])
     print(json.dumps(result.__dict__))
 
 
-def _time_shm_sends(name: str, shm_name: str, setup: BenchSetup, reps: int) -> BenchResult:
+def _time_shm_sends(name: str, dest: KVDestination, setup: BenchSetup, reps: int) -> BenchResult:
+    """Sends with the owner's grant (each send checks it, as a prefill worker's does)."""
     src = random_pool(setup.layout)
     sender = make_sender("shm")
-    dest = KVDestination("shm", tuple(setup.dst_ids), setup.layout, shm_name=shm_name)
     loop = asyncio.new_event_loop()
     try:
         run = lambda: loop.run_until_complete(sender.send(src, setup.src_ids, dest))  # noqa: E731

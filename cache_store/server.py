@@ -27,6 +27,7 @@ from kvmesh.mesh.convert import (
     worker_to_proto,
 )
 from kvmesh.mesh.server import RunningServer, ServerConfig, ServiceError, invalid, start_server
+from kvmesh.mesh.tls import TLSConfig
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class CacheStoreConfig:
     """A worker with no heartbeat for this long is dropped, in milliseconds."""
     grace_s: float = 5.0
     """Seconds in-flight calls get to finish on shutdown."""
+    tls: TLSConfig | None = None
+    """Mutual TLS: the cache store's mesh identity (ServerConfig.tls); None: plaintext."""
+    health_port: int | None = None
+    """Plaintext health port for probes (ServerConfig.health_port)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ms < self.expiry_ms:
@@ -56,7 +61,9 @@ class CacheStoreConfig:
             )
 
     def server_config(self) -> ServerConfig:
-        return ServerConfig(host=self.host, port=self.port, grace_s=self.grace_s)
+        return ServerConfig(
+            host=self.host, port=self.port, grace_s=self.grace_s, tls=self.tls, health_port=self.health_port
+        )
 
 
 def _not_registered(worker_id: str) -> ServiceError:

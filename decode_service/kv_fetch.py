@@ -13,8 +13,10 @@ from kvmesh.engine.sequence import Sequence
 from kvmesh.mesh.convert import layout_to_proto
 from kvmesh.mesh.server import ServiceError
 from kvmesh.mesh.telemetry import tracer
+from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.transport.base import TransferError
 from kvmesh.transport.grpc_stream import KVChunk, KVChunkReceiver
+from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 
 _tracer = tracer(__name__)
@@ -24,24 +26,39 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class PrefillClient:
     """Channels to prefill workers (one per address, reused) and the transfer of one request's KV."""
 
-    def __init__(self, engine: Engine, shm_name: str, host_id: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        shared_pool: SharedKVPool | None,
+        host_id: str,
+        *,
+        tls: TLSConfig | None = None,
+    ) -> None:
+        """shared_pool: the engine's pool in shared memory, when this worker offers "shm". tls: this
+        worker's mesh identity for its channels to prefill workers; None: plaintext."""
         self._engine = engine
-        self._shm_name = shm_name
+        self._shared_pool = shared_pool
         self._host_id = host_id
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls
 
     def _stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
         channel = self._channels.get(address)
         if channel is None:
             options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+            channel = self._channels[address] = mesh_channel(address, self._tls, "prefill", options)
         return prefill_pb2_grpc.PrefillStub(channel)
 
     async def fetch(
-        self, request: decode_pb2.GenerateRequest, seq: Sequence, timeout_s: float | None
+        self,
+        request: decode_pb2.GenerateRequest,
+        seq: Sequence,
+        timeout_s: float | None,
+        transfer_id: str = "",
     ) -> prefill_pb2.PrefillDone:
         """Have the prefill worker compute the KV of all prompt tokens but the last, and write the blocks
-        this worker does not have cached into seq's blocks.
+        this worker does not have cached into seq's blocks. transfer_id: a new id per call, for
+        stop_writer should the call not end with its done message.
 
         The last prompt token is left for the decode loop, whose first step then yields the first
         token's logits. Raises grpc errors of the prefill call as they are (UNAVAILABLE is retried by
@@ -52,18 +69,25 @@ class PrefillClient:
         block_ids = seq.block_table[first_block : num_blocks_for_tokens(len(tokens), self._engine.block_size)]
         destination = prefill_pb2.KVDestination(
             transport=request.transport,
-            shm_name=self._shm_name if request.transport == "shm" else "",
             block_ids=block_ids,
             layout=layout_to_proto(self._engine.pool.layout),
             host_id=self._host_id,
             first_block=first_block,
         )
+        if request.transport == "shm":
+            if self._shared_pool is None:
+                raise ServiceError(grpc.StatusCode.INTERNAL, "transport 'shm' without a shared-memory pool")
+            signed = self._shared_pool.destination(request.request_id, block_ids, self._host_id, timeout_s)
+            destination.shm_name = signed.shm_name
+            destination.grant = signed.grant
+            destination.grant_expires_unix_ms = signed.grant_expires_unix_ms
         call = self._stub(request.prefill_address).Prefill(
             prefill_pb2.PrefillRequest(
                 request_id=request.request_id,
                 token_ids=tokens,
                 destination=destination,
                 cache_salt=request.cache_salt,
+                transfer_id=transfer_id,
             ),
             timeout=timeout_s,
         )
@@ -102,6 +126,21 @@ class PrefillClient:
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE, "prefill worker ended the stream without a done message"
         )
+
+    async def stop_writer(self, address: str, transfer_id: str, timeout_s: float) -> bool:
+        """Has the prefill worker at address stop the transfer; True once it confirmed that nothing
+        writes into the transfer's blocks any more, nor will.
+
+        False when it could not confirm within timeout_s (it died, hangs, or predates CancelPrefill): a
+        late write may then still land, and the caller must keep the blocks out of use for a while.
+        """
+        try:
+            await self._stub(address).CancelPrefill(
+                prefill_pb2.CancelPrefillRequest(transfer_id=transfer_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def close_on_cancel(self) -> None:
         """A background task whose cancellation (server stop) closes every channel."""

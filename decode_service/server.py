@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -56,6 +57,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._config = config
         self.num_waiting = 0
         """Requests admitted but not yet decoding (reserving, waiting for their KV)."""
+        self.num_quarantined = 0
+        """Cancelled shm transfers whose blocks sat out kv_quarantine_s: their writer's stop was unconfirmed."""
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def Generate(  # noqa: N802 (generated name)
         self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -71,7 +75,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         except ValueError as error:
             raise invalid(f"prompt_token_ids: {error}") from error
         usage = common_pb2.Usage(prompt_tokens=len(seq), cached_tokens=seq.num_cached_tokens)
-        quarantine_s = 0.0
+        writer = ""  # transfer_id of a shm transfer whose prefill worker may still write into seq's blocks
         self.num_waiting += 1
         waiting = True
         try:
@@ -84,9 +88,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     "retry later or on another worker",
                 ) from error
             if request.prefill_address and seq.num_cached_tokens < len(seq) - 1:
-                quarantine_s = self._config.kv_quarantine_s if request.transport == "shm" else 0.0
-                done = await self._prefill.fetch(request, seq, deadline_s(context))
-                quarantine_s = 0.0  # the prefill worker has finished writing
+                transfer_id = uuid.uuid4().hex
+                writer = transfer_id if request.transport == "shm" else ""
+                done = await self._prefill.fetch(request, seq, deadline_s(context), transfer_id)
+                writer = ""  # the prefill worker has finished writing
                 seq.num_computed_tokens = len(seq) - 1
                 # The prefill worker may have had more of the prompt cached than this worker.
                 usage.prefilled_tokens = done.num_tokens + 1
@@ -123,7 +128,36 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             )
         finally:
             self.num_waiting -= waiting
-            self._loop.release_soon(seq, quarantine_s)
+            if writer:
+                self._release_once_written(seq, request.prefill_address, writer)
+            else:
+                self._loop.release_soon(seq)
+
+    def _release_once_written(self, seq: Sequence, prefill_address: str, transfer_id: str) -> None:
+        """Frees seq's blocks once the prefill worker has confirmed that its shm transfer into them
+        stopped (CancelPrefill: milliseconds), or kv_quarantine_s after the cancel when it cannot (it
+        died, or hangs): a late write must never land in blocks that another request owns by then."""
+        loop = asyncio.get_running_loop()
+        quarantine_s = self._config.kv_quarantine_s
+
+        async def release() -> None:
+            started = loop.time()
+            stopped = False
+            try:
+                if quarantine_s > 0:
+                    stopped = await self._prefill.stop_writer(prefill_address, transfer_id, quarantine_s)
+            finally:
+                left_s = 0.0 if stopped else max(0.0, quarantine_s - (loop.time() - started))
+                if not stopped and quarantine_s > 0:
+                    self.num_quarantined += 1
+                    logger.info(
+                        "transfer %s: unconfirmed stop, blocks quarantined %.2f s", transfer_id, left_s
+                    )
+                self._loop.release_soon(seq, left_s)
+
+        task = loop.create_task(release())
+        self._releases.add(task)  # referenced until done
+        task.add_done_callback(self._releases.discard)
 
     def _validate(self, request: decode_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
@@ -139,7 +173,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 f"transport {request.transport!r} is not offered by this worker "
                 f"(offered: {', '.join(self._config.registration.transports)})"
             )
-        return prompt, sampling_from_proto(request.sampling, 64, self._config.max_tokens_limit)
+        return prompt, sampling_from_proto(
+            request.sampling,
+            64,
+            self._config.max_tokens_limit,
+            max_stop_strings=self._config.max_stop_strings,
+            max_stop_string_chars=self._config.max_stop_string_chars,
+        )
 
     async def _stream_tokens(
         self, outputs: asyncio.Queue[SeqOutput | BaseException], seq: Sequence, usage: common_pb2.Usage
@@ -189,7 +229,9 @@ async def serve(config: DecodeConfig) -> RunningServer:
     engine = load_engine(config.model, shared_storage if "shm" in config.registration.transports else None)
     engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
     loop = EngineLoop(engine)
-    prefill = PrefillClient(engine, shared[0].name if shared else "", config.registration.host_id)
+    prefill = PrefillClient(
+        engine, shared[0] if shared else None, config.registration.host_id, tls=config.server.tls
+    )
     servicer = DecodeServicer(engine, loop, prefill, config)
     running = await start_server(
         [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], [SERVICE_NAME], config.server
@@ -198,14 +240,16 @@ async def serve(config: DecodeConfig) -> RunningServer:
     worker = worker_info(
         config.registration, WorkerRole.DECODE, running.port, engine.model_fingerprint, engine.block_size
     )
-    join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
+    join_mesh(
+        running, config.registration, worker, servicer.load, engine.pool.allocator, tls=config.server.tls
+    )
     running.add_background_task(asyncio.create_task(prefill.close_on_cancel()))
     for handle in shared:
         running.on_stop(handle.close)
     if config.metrics_port is not None:
         collector = register_worker_metrics("decode", engine.pool.allocator, servicer.load)
         running.on_stop(lambda: REGISTRY.unregister(collector))
-        start_metrics_server(config.metrics_port)
+        start_metrics_server(config.metrics_port, config.server.metrics_bind_host)
     await running.set_serving()
     logger.info("decode worker %s serving", worker.worker_id)
     return running

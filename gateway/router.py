@@ -1,7 +1,8 @@
 """The gateway's view of the workers: who is live, how loaded, and a channel to each.
 
 The cache store is the source of truth for who is live (workers register and heartbeat there); the pool
-re-reads it every refresh_ms; snapshot() hands the workers, their loads and their block size to the cost
+re-reads it every refresh_ms, and keeps a worker the store stops listing for a grace period (a restarted
+store lists nobody until the workers register again); snapshot() hands the workers, their loads and their block size to the cost
 model (gateway.routing_cost), which chooses. Reported loads are only as fresh as the last heartbeat, so the
 pool also counts the requests this gateway has in flight to each worker: a burst between two heartbeats
 spreads out instead of piling onto one worker.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from gateway.routing_cost import Candidate, PoolSnapshot, RoutePlan, RoutingConf
 from kvmesh.mesh.convert import worker_from_proto
 from kvmesh.mesh.server import ServiceError
 from kvmesh.mesh.telemetry import tracer
+from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.mesh.workers import WorkerInfo, WorkerRole
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
@@ -52,13 +55,27 @@ class WorkerPool:
     """
 
     def __init__(
-        self, cache_store_address: str, refresh_ms: int, channel_options: ChannelOptions = ()
+        self,
+        cache_store_address: str,
+        refresh_ms: int,
+        channel_options: ChannelOptions = (),
+        tls: TLSConfig | None = None,
+        unlisted_grace_ms: int = 5000,
     ) -> None:
+        """tls: the gateway's mesh identity for its channels to the cache store and the workers; None:
+        plaintext. unlisted_grace_ms: how long a worker stays in the pool once the cache store stops
+        listing it (see merge)."""
         if refresh_ms <= 0:
             raise ValueError(f"refresh_ms must be positive, got {refresh_ms}")
+        if unlisted_grace_ms < 0:
+            raise ValueError(f"unlisted_grace_ms must be >= 0, got {unlisted_grace_ms}")
+        self._unlisted_grace_s = unlisted_grace_ms / 1000.0
+        self._listed_at: dict[str, float] = {}
+        """When the cache store last listed each worker in the pool, by worker_id (time.monotonic)."""
         self._cache_store_address = cache_store_address
         self._refresh_s = refresh_ms / 1000.0
         self._channel_options = list(channel_options)
+        self._tls = tls
         self._workers: list[WorkerInfo] = []
         self._block_size: int | None = None
         self._in_flight: dict[str, _InFlight] = {}  # by worker_id
@@ -73,8 +90,8 @@ class WorkerPool:
         refreshing it in the background until close()."""
         # NOTE: reconnect within a second of a cache store restart; gRPC's default backoff grows to two
         # minutes, during which every lookup and refresh would fail fast.
-        self._store_channel = grpc.aio.insecure_channel(
-            self._cache_store_address, options=_STORE_CHANNEL_OPTIONS
+        self._store_channel = mesh_channel(
+            self._cache_store_address, self._tls, "cache-store", _STORE_CHANNEL_OPTIONS
         )
         await self.refresh()
         self._refresh_task = asyncio.create_task(self._refresh_forever())
@@ -116,15 +133,47 @@ class WorkerPool:
             logger.info("cache store at %s answers again", self._cache_store_address)
         self._refresh_failing = False
         try:
-            self.update(_decode_workers(reply.workers))
+            self.merge(_decode_workers(reply.workers))
         except ValueError as error:
             logger.error("keeping the last known workers: %s", error)
             return False
         await self._close_stale_channels()
         return True
 
+    def merge(self, listed: Iterable[WorkerInfo], now: float | None = None) -> None:
+        """Takes the workers the cache store lists now, and keeps those it no longer lists for
+        unlisted_grace_ms after it last did (refresh calls it; now: time.monotonic(), for tests).
+
+        NOTE: the cache store is soft state. After a restart it lists nobody until the workers have
+        registered again (a heartbeat period, a reconnect): replacing the list would leave the gateway
+        without a worker, failing every request meanwhile, although every worker is alive. A worker that
+        really died stays listed by the store until its expiry anyway, and calls to it fail over (UNAVAILABLE
+        excludes it from the request's next attempts); the grace only adds to how long that lasts.
+        Raises ValueError, changing nothing, when the listed workers advertise different block sizes.
+        """
+        now = time.monotonic() if now is None else now
+        fresh = {worker.worker_id: worker for worker in listed}
+        sizes = {worker.block_size for worker in fresh.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"the workers advertise different block sizes: {sorted(sizes)}")
+        kept = []
+        for worker in self._workers:
+            if worker.worker_id in fresh:
+                continue
+            unlisted_s = now - self._listed_at.get(worker.worker_id, now)
+            if unlisted_s > self._unlisted_grace_s:
+                logger.info("worker %s left the pool (unlisted for %.1f s)", worker.worker_id, unlisted_s)
+            elif sizes and worker.block_size not in sizes:
+                logger.info(
+                    "worker %s left the pool (the listed workers have another block size)", worker.worker_id
+                )
+            else:
+                kept.append(worker)
+        self.update([*fresh.values(), *kept])  # keeps the kept workers' listing times
+        self._listed_at.update(dict.fromkeys(fresh, now))
+
     def update(self, workers: Iterable[WorkerInfo]) -> None:
-        """Replaces the worker list (refresh calls it; tests call it directly).
+        """Replaces the worker list (merge calls it; tests call it directly).
 
         Raises ValueError, changing nothing, when the workers advertise different block sizes (the cache
         store refuses such a worker, so only a broken store sends them).
@@ -135,6 +184,8 @@ class WorkerPool:
             raise ValueError(f"the workers advertise different block sizes: {sorted(block_sizes)}")
         self._workers = workers
         self._block_size = block_sizes.pop() if block_sizes else None
+        now = time.monotonic()
+        self._listed_at = {worker.worker_id: self._listed_at.get(worker.worker_id, now) for worker in workers}
         # NOTE: a channel is closed only once no live worker has its address and no call uses it:
         # closing a channel cancels its calls, and a worker that misses one heartbeat may still stream.
         live = {worker.address for worker in self._workers}
@@ -195,7 +246,7 @@ class WorkerPool:
         """A shared channel to worker's address, created on first use."""
         channel = self._channels.get(worker.address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(worker.address, options=self._channel_options)
+            channel = mesh_channel(worker.address, self._tls, worker.role.value, self._channel_options)
             self._channels[worker.address] = channel
         return channel
 

@@ -29,7 +29,7 @@ from gateway.layout import CompletionPrompt, EditPrompt, PromptLayout, PromptToo
 from gateway.prefix_lookup import PrefixLookup
 from gateway.router import Router, WorkerPool
 from gateway.routing_cost import RoutePlan
-from gateway.tenancy import Authenticator, Identity, TenantKeys
+from gateway.tenancy import Authenticator, Identity, SaltSecret, TenantKeys
 from kvmesh.engine.loader import load_model_config
 from kvmesh.engine.model_config import ModelConfig
 from kvmesh.engine.sampling import SamplingParams
@@ -208,7 +208,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _sampling(self, sampling: common_pb2.SamplingParams) -> SamplingParams:
         """The client's sampling, checked (SamplingParams checks the values; the limits here are this
         gateway's and its model's) and with defaults filled in."""
-        params = sampling_from_proto(sampling, self._config.default_max_tokens, self._config.max_tokens_limit)
+        params = sampling_from_proto(
+            sampling,
+            self._config.default_max_tokens,
+            self._config.max_tokens_limit,
+            max_stop_strings=self._config.max_stop_strings,
+            max_stop_string_chars=self._config.max_stop_string_chars,
+        )
         vocab_size = self._model_config.vocab_size
         for i, token_id in enumerate(params.stop_token_ids):
             if not 0 <= token_id < vocab_size:
@@ -335,8 +341,8 @@ async def _watch_pool(running: RunningServer, pool: WorkerPool, period_s: float)
 async def serve(config: GatewayConfig) -> RunningServer:
     """Starts the gateway. Health turns SERVING once the pool holds a decode worker, and back to
     NOT_SERVING while it holds none. Raises CheckpointError when model_path lacks tokenizer.json or
-    config.json, OSError when the address or the keys file cannot be opened, ValueError for a malformed
-    keys file."""
+    config.json, OSError when the address, the keys file or the salt secret file cannot be opened,
+    ValueError for a malformed keys file or a too short salt secret."""
     model_path = Path(config.model_path)
     tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
     model_config = load_model_config(model_path)
@@ -344,10 +350,20 @@ async def serve(config: GatewayConfig) -> RunningServer:
         ("grpc.max_send_message_length", config.server.max_message_bytes),
         ("grpc.max_receive_message_length", config.server.max_message_bytes),
     ]
-    keys = TenantKeys.load(config.api_keys_file) if config.api_keys_file is not None else None
-    if keys is not None:
+    keys = None
+    if config.api_keys_file is not None:
+        assert config.salt_secret_file is not None  # GatewayConfig checks it
+        keys = TenantKeys.load(config.api_keys_file, SaltSecret.load(config.salt_secret_file))
         logger.info("multi-tenancy on: %d API key(s) from %s", keys.num_keys, config.api_keys_file)
-    pool = WorkerPool(config.cache_store_address, config.refresh_ms, channel_options)
+    elif config.salt_secret_file is not None:
+        logger.info("multi-tenancy is off (no API keys file): the salt secret file is not used")
+    pool = WorkerPool(
+        config.cache_store_address,
+        config.refresh_ms,
+        channel_options,
+        tls=config.tls,
+        unlisted_grace_ms=config.unlisted_grace_ms,
+    )
     await pool.start()
     lookup = PrefixLookup(pool.store_channel, config.lookup_timeout_ms / 1000.0)
     router = Router(pool, lookup, config.routing)
@@ -362,6 +378,6 @@ async def serve(config: GatewayConfig) -> RunningServer:
     period_s = min(config.refresh_ms / 1000.0, 0.1)
     running.add_background_task(asyncio.create_task(_watch_pool(running, pool, period_s)))
     if config.metrics_port is not None:
-        port = start_metrics_server(config.metrics_port)
+        port = start_metrics_server(config.metrics_port, config.server.metrics_bind_host)
         logger.info("metrics on port %d", port)
     return running

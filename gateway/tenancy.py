@@ -9,6 +9,11 @@ Keys file (JSON), loaded once at start-up:
     {"keys": {"<api key>": "<tenant>", ...}, "groups": {"<tenant>": "<group>", ...}}
 
 A tenant left out of "groups" is in the group of its own name. Without a keys file multi-tenancy is off: no key is asked for and the salt is "".
+
+A salt is HMAC-SHA256 of the group's name under a server secret (a file, `--salt-secret-file`), so knowing
+a tenant's name is not enough to compute its salt and probe its cache. Multi-tenancy without a secret is
+refused at start-up. Rotating the secret changes every salt: every cache entry of every tenant becomes
+unreachable at once, and the old blocks age out of the workers' pools (LRU) like any unused block.
 """
 
 from __future__ import annotations
@@ -25,20 +30,58 @@ import grpc
 
 from kvmesh.mesh.server import ServiceError
 
-SALT_VERSION = b"kvmesh-tenant-salt-v1"
+SALT_VERSION = b"kvmesh-tenant-salt-v2"
+"""v2: HMAC under the server secret (v1 was a plain SHA-256 of the name, computable by anyone)."""
+MIN_SECRET_BYTES = 32
+"""Shortest salt secret accepted: 256 bits, the HMAC-SHA256 key size (`openssl rand -hex 32` gives 64)."""
 
 Metadata = Sequence[tuple[str, str | bytes]]
 """gRPC invocation metadata: (lowercase key, value) pairs."""
 
 
-def tenant_salt(tenant: str, group: str | None = None) -> str:
-    """The cache salt of a tenant: a stable derivation of its group's name.
+class SaltSecret:
+    """The server secret that tenant salts are derived under. Its repr and str never show it."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        """Raises ValueError (never quoting the key) for a key shorter than MIN_SECRET_BYTES."""
+        if len(key) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"the salt secret is {len(key)} bytes, fewer than {MIN_SECRET_BYTES}: "
+                "write a random one, e.g. `openssl rand -hex 32`"
+            )
+        self._key = key
+
+    @classmethod
+    def load(cls, path: str | Path) -> SaltSecret:
+        """Reads a secret file (surrounding whitespace, such as the newline `echo` adds, is not part of it).
+        Raises OSError when it cannot be read, ValueError when it is too short; neither quotes it."""
+        path = Path(path)
+        try:
+            return cls(path.read_bytes().strip())
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def __repr__(self) -> str:
+        return "SaltSecret(<redacted>)"
+
+    __str__ = __repr__
+
+    def salt(self, tenant: str, group: str | None = None) -> str:
+        """See tenant_salt."""
+        fields = (SALT_VERSION, (group or tenant).encode())
+        message = b"".join(struct.pack("<Q", len(f)) + f for f in fields)
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+
+def tenant_salt(secret: SaltSecret, tenant: str, group: str | None = None) -> str:
+    """The cache salt of a tenant: HMAC-SHA256, under the server secret, of its group's name.
 
     A tenant not put in a group is in the group of its own name, so "groups": {"org_c": "org_a"} gives
     org_c the cache of tenant org_a. Fields are length-prefixed: no two names meet.
     """
-    fields = (SALT_VERSION, (group or tenant).encode())
-    return hashlib.sha256(b"".join(struct.pack("<Q", len(f)) + f for f in fields)).hexdigest()
+    return secret.salt(tenant, group)
 
 
 @dataclass(frozen=True)
@@ -75,8 +118,11 @@ class TenantKeys:
     key without stopping at a match, takes the same time whichever key (if any) was presented.
     """
 
-    def __init__(self, keys: Mapping[str, str], groups: Mapping[str, str] | None = None) -> None:
-        """keys: API key -> tenant; groups: tenant -> sharing group. Raises ValueError (never quoting a key)."""
+    def __init__(
+        self, keys: Mapping[str, str], secret: SaltSecret, groups: Mapping[str, str] | None = None
+    ) -> None:
+        """keys: API key -> tenant; secret: what salts derive from; groups: tenant -> sharing group.
+        Raises ValueError (never quoting a key)."""
         groups = dict(groups or {})
         if not keys:
             raise ValueError('"keys" is empty: with multi-tenancy on, give at least one API key')
@@ -93,12 +139,12 @@ class TenantKeys:
             if not isinstance(group, str) or not group:
                 raise ValueError(f'"groups" gives tenant {tenant!r} an empty group name')
         self._entries = [
-            (_digest(key), Identity(tenant, tenant_salt(tenant, groups.get(tenant))))
+            (_digest(key), Identity(tenant, tenant_salt(secret, tenant, groups.get(tenant))))
             for key, tenant in keys.items()
         ]
 
     @classmethod
-    def load(cls, path: str | Path) -> TenantKeys:
+    def load(cls, path: str | Path, secret: SaltSecret) -> TenantKeys:
         """Reads a keys file. Raises OSError when it cannot be read, ValueError when it is malformed."""
         path = Path(path)
         try:
@@ -118,7 +164,7 @@ class TenantKeys:
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}; expected keys, groups")
         try:
-            return cls(document["keys"], groups)
+            return cls(document["keys"], secret, groups)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
 

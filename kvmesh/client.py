@@ -97,14 +97,16 @@ class Chunk:
 def _sampling(
     max_tokens: int,
     temperature: float,
-    top_p: float,
+    top_p: float | None,
     top_k: int,
     seed: int | None,
     stop: Sequence[str],
 ) -> common_pb2.SamplingParams:
     sampling = common_pb2.SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop_strings=list(stop)
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop_strings=list(stop)
     )
+    if top_p is not None:  # unset: the server's 1.0 (off); an explicit value is checked as sent
+        sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
     return sampling
@@ -113,11 +115,24 @@ def _sampling(
 class Client:
     """A channel to a gateway; use as a context manager, or call close()."""
 
-    def __init__(self, target: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 60.0,
+        api_key: str | None = None,
+        tls_ca_file: str | None = None,
+    ) -> None:
         """target: the gateway's host:port. timeout_s: the deadline of each call, in seconds. api_key:
         sent as "authorization: Bearer <api_key>" on every call (None: no key; a gateway with
-        multi-tenancy on then answers UNAUTHENTICATED)."""
-        self._channel = grpc.insecure_channel(target)
+        multi-tenancy on then answers UNAUTHENTICATED). tls_ca_file: PEM file of the CA that signed the
+        gateway's certificate (--public-tls-cert): the call is TLS and the gateway is verified; None:
+        plaintext. Raises OSError when tls_ca_file cannot be read."""
+        if tls_ca_file is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            with open(tls_ca_file, "rb") as file:
+                credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
+            self._channel = grpc.secure_channel(target, credentials)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -147,7 +162,7 @@ class Client:
         document: tuple[str, int, int] | None = None,
         max_tokens: int = 0,
         temperature: float = 0.0,
-        top_p: float = 1.0,
+        top_p: float | None = None,
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] = (),
@@ -156,7 +171,8 @@ class Client:
         """Streams a fill-in-the-middle completion at the cursor.
 
         Give either prefix and suffix, or document=(text, line, column) with a 0-based line and a column
-        in characters. max_tokens 0 means the gateway's default; temperature 0 is greedy. prompt_lookup
+        in characters. max_tokens 0 means the gateway's default; temperature 0 is greedy; top_p None
+        is not sent (off). prompt_lookup
         drafts from the prompt where the output repeats it (same output, fewer forward passes when code
         repeats nearby code). Raises grpc.RpcError.
         """
@@ -180,7 +196,7 @@ class Client:
         speculative: bool = True,
         max_tokens: int = 0,
         temperature: float = 0.0,
-        top_p: float = 1.0,
+        top_p: float | None = None,
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] = (),

@@ -22,15 +22,18 @@ from kvmesh.engine.loop import EngineLoop
 from kvmesh.engine.sequence import Sequence
 from kvmesh.mesh.convert import layout_from_proto
 from kvmesh.mesh.registration import join_mesh, worker_info
-from kvmesh.mesh.server import RunningServer, invalid, never_fits, start_server
-from kvmesh.mesh.telemetry import start_metrics_server, tracer
+from kvmesh.mesh.server import RunningServer, ServiceError, invalid, never_fits, start_server
+from kvmesh.mesh.telemetry import span_across_yields, start_metrics_server, tracer
 from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
 from kvmesh.mesh.workers import WorkerLoad, WorkerRole
-from kvmesh.transport.base import KVDestination, make_sender
+from kvmesh.transport.base import KVDestination, TransferError
+from kvmesh.transport.grant import GrantError
 from kvmesh.transport.grpc_stream import iter_chunks
+from kvmesh.transport.shm import ShmSender
 from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_service.config import PrefillConfig
+from prefill_service.transfers import Transfers
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
@@ -42,20 +45,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._engine = engine
         self._loop = loop
         self._config = config
-        self._senders = {
-            name: make_sender(name) for name in ("shm",) if name in config.registration.transports
-        }
+        self._shm = ShmSender() if "shm" in config.registration.transports else None
+        self._transfers = Transfers()
 
     async def Prefill(  # noqa: N802 (generated name)
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[prefill_pb2.PrefillChunk]:
         dest = self._destination(request)
+        writer = self._transfers.begin(request.transfer_id)
         seq: Sequence | None = None
         try:
             seq = await self._loop.call(lambda: self._new_sequence(request), undo=self._loop.release_soon)
             prefill_ms = await self._compute(seq)
             dest_first = request.destination.first_block
-            with _tracer.start_as_current_span("ship") as span:
+            with span_across_yields(_tracer, "ship") as span:  # it yields: never the current span
                 span.set_attribute("kvmesh.transport", dest.transport)
                 started = time.perf_counter()
                 if dest.transport == "grpc":
@@ -68,9 +71,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                         )
                     num_bytes, crc32 = chunks.num_bytes, chunks.crc32
                 else:
-                    stats = await self._senders[dest.transport].send(
-                        self._engine.pool, seq.block_table[dest_first:], dest
-                    )
+                    assert self._shm is not None  # _destination offers shm only with a sender
+                    stats = await self._shm.send(self._engine.pool, seq.block_table[dest_first:], dest)
                     num_bytes, crc32 = stats.num_bytes, 0
                 transfer_ms = (time.perf_counter() - started) * 1000.0
                 span.set_attribute("kvmesh.num_bytes", num_bytes)
@@ -84,14 +86,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 )
             )
         finally:
+            # NOTE: past this point nothing writes into the destination: a shm copy in progress when the
+            # call was cancelled has run to its end (run_copy), so CancelPrefill may answer.
+            writer.end()
             if seq is not None:
                 self._loop.release_soon(seq)
+
+    async def CancelPrefill(  # noqa: N802 (generated name)
+        self, request: prefill_pb2.CancelPrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.CancelPrefillReply:
+        if not request.transfer_id:
+            raise invalid("transfer_id is empty: send the transfer_id of the PrefillRequest to stop")
+        was_running = await self._transfers.cancel(request.transfer_id)
+        return prefill_pb2.CancelPrefillReply(was_running=was_running)
 
     def _destination(self, request: prefill_pb2.PrefillRequest) -> KVDestination:
         if not request.token_ids:
             raise invalid("token_ids is empty: nothing to prefill")
         spec = request.destination
-        offered = ("grpc", *self._senders)
+        offered = ("grpc", "shm") if self._shm is not None else ("grpc",)
         if spec.transport not in offered:
             raise invalid(
                 f"destination.transport {spec.transport!r} is not offered here (offered: {', '.join(offered)})"
@@ -112,7 +125,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         ours = self._engine.pool.layout
         if layout.with_blocks(1) != ours.with_blocks(1):
             raise invalid(f"destination.layout {layout} does not match this worker's KV layout {ours}")
-        return KVDestination(spec.transport, tuple(spec.block_ids), layout, spec.shm_name, spec.host_id)
+        dest = KVDestination(
+            spec.transport,
+            tuple(spec.block_ids),
+            layout,
+            spec.shm_name,
+            spec.host_id,
+            request.request_id,
+            spec.grant,
+            spec.grant_expires_unix_ms,
+        )
+        if spec.transport == "shm":
+            # NOTE: before any compute: a caller may only name blocks the pool's owner reserved for it.
+            try:
+                self._shm.authorize(dest)  # type: ignore[union-attr] (offered, so not None)
+            except GrantError as error:
+                raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"destination: {error}") from error
+            except TransferError as error:
+                raise invalid(f"destination.shm_name: {error}") from error
+        return dest
 
     def _new_sequence(self, request: prefill_pb2.PrefillRequest) -> Sequence:
         try:
@@ -137,8 +168,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return (time.perf_counter() - started) * 1000.0
 
     def close(self) -> None:
-        for sender in self._senders.values():
-            sender.close()
+        if self._shm is not None:
+            self._shm.close()
 
     def load(self) -> WorkerLoad:
         usage = self._engine.pool_usage()
@@ -160,12 +191,14 @@ async def serve(config: PrefillConfig) -> RunningServer:
     worker = worker_info(
         config.registration, WorkerRole.PREFILL, running.port, engine.model_fingerprint, engine.block_size
     )
-    join_mesh(running, config.registration, worker, servicer.load, engine.pool.allocator)
+    join_mesh(
+        running, config.registration, worker, servicer.load, engine.pool.allocator, tls=config.server.tls
+    )
     running.on_stop(servicer.close)
     if config.metrics_port is not None:
         collector = register_worker_metrics("prefill", engine.pool.allocator, servicer.load)
         running.on_stop(lambda: REGISTRY.unregister(collector))
-        start_metrics_server(config.metrics_port)
+        start_metrics_server(config.metrics_port, config.server.metrics_bind_host)
     await running.set_serving()
     logger.info("prefill worker %s serving", worker.worker_id)
     return running

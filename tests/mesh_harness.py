@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -24,6 +25,7 @@ from gateway.routing_cost import RoutingConfig
 from gateway.server import serve as serve_gateway
 from kvmesh.engine.config import EngineConfig
 from kvmesh.mesh.server import RunningServer, ServerConfig, wait_for_serving
+from kvmesh.mesh.tls import PublicTLSConfig, TLSConfig, make_mesh_certs, mesh_channel
 from kvmesh.mesh.worker_config import ModelSettings, RegistrationSettings
 from kvmesh.mesh.workers import WorkerLoad
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
@@ -50,6 +52,10 @@ class MeshSpec:
     """Extra GatewayConfig fields."""
     device: str = field(default_factory=lambda: os.environ.get("KVMESH_TEST_DEVICE", "cpu"))
     """The workers' torch device: KVMESH_TEST_DEVICE=cuda runs the mesh tests on a GPU."""
+    mutual_tls: bool = False
+    """The roles talk mutual TLS, with certificates from a throwaway CA (the gateway's port stays plain)."""
+    public_tls: PublicTLSConfig | None = None
+    """TLS of the gateway's public port; None: plaintext."""
 
 
 class MeshInThread:
@@ -58,6 +64,7 @@ class MeshInThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mesh", daemon=True)
         self.servers: dict[str, RunningServer] = {}
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -72,6 +79,9 @@ class MeshInThread:
                 )
             transports = tuple(t for t in self.spec.worker_transports if t != "shm")
             self.spec = replace(self.spec, worker_transports=transports)
+        if self.spec.mutual_tls:
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="kvmesh-tls-")
+            make_mesh_certs(self._tls_dir.name)
         self._thread.start()
         self.run(self._start())
         return self
@@ -80,6 +90,12 @@ class MeshInThread:
         self.run(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
+
+    def tls(self, role: str) -> TLSConfig | None:
+        """A role's mesh identity; None when the mesh is plaintext."""
+        return TLSConfig.in_dir(self._tls_dir.name, role) if self._tls_dir is not None else None
 
     @property
     def gateway_address(self) -> str:
@@ -88,7 +104,7 @@ class MeshInThread:
     async def _start(self) -> None:
         spec = self.spec
         self.servers["cache-store"] = await serve_cache_store(
-            CacheStoreConfig(heartbeat_interval_ms=100, expiry_ms=1000)
+            CacheStoreConfig(heartbeat_interval_ms=100, expiry_ms=1000, tls=self.tls("cache-store"))
         )
         engine = EngineConfig(
             num_blocks=spec.num_blocks,
@@ -102,23 +118,27 @@ class MeshInThread:
         )
         for i in range(spec.num_prefill):
             self.servers[f"prefill-{i}"] = await serve_prefill(
-                PrefillConfig(ServerConfig(), model, registration)
+                PrefillConfig(ServerConfig(tls=self.tls("prefill")), model, registration)
             )
         for i in range(spec.num_decode):
             self.servers[f"decode-{i}"] = await serve_decode(
-                DecodeConfig(ServerConfig(), model, registration)
+                DecodeConfig(ServerConfig(tls=self.tls("decode")), model, registration)
             )
         await self._wait_for_workers()  # so the gateway's first look at the pools sees every worker
         gateway = GatewayConfig(
-            server=ServerConfig(),
+            server=ServerConfig(public_tls=spec.public_tls),
             cache_store_address=self.servers["cache-store"].address,
             model_path=spec.model_path,
             refresh_ms=100,
             routing=spec.routing,
+            tls=self.tls("gateway"),
             **spec.gateway,
         )
         self.servers["gateway"] = await serve_gateway(gateway)
-        await wait_for_serving(self.servers["gateway"].address, timeout_s=30)
+        # A gateway whose public port is TLS also serves health in plaintext on its health port.
+        running = self.servers["gateway"]
+        health = f"127.0.0.1:{running.health_port}" if running.health_port is not None else running.address
+        await wait_for_serving(health, timeout_s=30)
 
     async def _wait_for_workers(self) -> None:
         expected = self.spec.num_prefill + self.spec.num_decode
@@ -129,10 +149,9 @@ class MeshInThread:
         raise TimeoutError("workers did not register with the cache store")
 
     async def worker_loads(self) -> dict[str, WorkerLoad]:
-        """Each live worker's load as its last heartbeat told the cache store."""
-        import grpc
-
-        async with grpc.aio.insecure_channel(self.servers["cache-store"].address) as channel:
+        """Each live worker's load as its last heartbeat told the cache store (asked as the gateway)."""
+        store = self.servers["cache-store"].address
+        async with mesh_channel(store, self.tls("gateway"), "cache-store") as channel:
             reply = await cache_store_pb2_grpc.CacheStoreStub(channel).ListWorkers(
                 cache_store_pb2.ListWorkersRequest(), timeout=5
             )
@@ -149,7 +168,9 @@ class MeshInThread:
         old = self.servers.pop("cache-store")
         await old.stop(0)
         self.servers["cache-store"] = await serve_cache_store(
-            CacheStoreConfig(port=old.port, heartbeat_interval_ms=100, expiry_ms=1000)
+            CacheStoreConfig(
+                port=old.port, heartbeat_interval_ms=100, expiry_ms=1000, tls=self.tls("cache-store")
+            )
         )
 
     async def stop_server(self, name: str, grace_s: float = 0.0) -> None:

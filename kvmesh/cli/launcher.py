@@ -13,8 +13,11 @@ import ctypes
 import logging
 import os
 import re
+import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,7 @@ async def _start_role(settings: RoleSettings) -> RunningServer:
         from cache_store.server import serve as serve_cache_store
 
         if settings.metrics_port is not None:  # its config has no metrics port; the others serve their own
-            start_metrics_server(settings.metrics_port)
+            start_metrics_server(settings.metrics_port, settings.metrics_host)
         return await serve_cache_store(config)  # type: ignore[arg-type]
     if settings.role == "gateway":
         from gateway.server import serve as serve_gateway
@@ -153,21 +156,42 @@ class LocalMesh:
         log_level: str = "warning",
         startup_timeout_s: float = 180.0,
         environ: dict[str, str] | None = None,
+        mutual_tls: bool = True,
     ) -> None:
+        """mutual_tls: the roles talk mutual TLS, with certificates from a throwaway CA made in a private
+        temporary directory that stop() removes; False: plaintext."""
         self._port = port
+        self._mutual_tls = mutual_tls
+        self._tls_dir: Path | None = None
         self._model_path = model_path
         self._transport = transport
         self._log_level = log_level
         self._startup_timeout_s = startup_timeout_s
         self._environ = dict(environ if environ is not None else os.environ)
         self._children: dict[str, _Child] = {}
+        self._salt_secret_file: Path | None = None
+        """A secret this mesh generated for tenant salts; removed by stop()."""
+
+    def _ensure_salt_secret(self) -> None:
+        """With multi-tenancy on (KVMESH_API_KEYS_FILE) and no KVMESH_SALT_SECRET_FILE, writes a random
+        secret to a private (0600) temp file for the gateway: salts, and so caches, last as long as the
+        mesh."""
+        if not self._environ.get("KVMESH_API_KEYS_FILE") or self._environ.get("KVMESH_SALT_SECRET_FILE"):
+            return
+        fd, name = tempfile.mkstemp(prefix="kvmesh-salt-", suffix=".key")  # mkstemp: mode 0600
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
+        self._salt_secret_file = Path(name)
+        self._environ["KVMESH_SALT_SECRET_FILE"] = name
 
     async def start(self) -> str:
         """Starts every role and waits until each is SERVING; raises MeshError naming the one that failed."""
+        self._ensure_salt_secret()
         try:
-            store = await self._spawn("cache-store", ["--port", "0"])
+            tls = ["--tls-dir", str(self._make_certs())] if self._mutual_tls else []
+            store = await self._spawn("cache-store", ["--port", "0", *tls])
             store_address = await self._wait_serving(store)
-            common = ["--cache-store", store_address, "--model", self._model_path]
+            common = ["--cache-store", store_address, "--model", self._model_path, *tls]
             workers = [
                 await self._spawn(role, ["--port", "0", *common, "--threads", "1"])
                 for role in ("prefill", "decode")
@@ -204,6 +228,20 @@ class LocalMesh:
                 reader.cancel()
             await asyncio.gather(*child.readers, return_exceptions=True)
         self._children.clear()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
+        if self._salt_secret_file is not None:
+            self._salt_secret_file.unlink(missing_ok=True)
+            self._environ.pop("KVMESH_SALT_SECRET_FILE", None)
+            self._salt_secret_file = None
+
+    def _make_certs(self) -> Path:
+        """A throwaway CA and a certificate per role, in a new directory only this user can read."""
+        from kvmesh.mesh.tls import make_mesh_certs
+
+        self._tls_dir = Path(tempfile.mkdtemp(prefix="kvmesh-tls-"))  # mkdtemp: mode 0700
+        return make_mesh_certs(self._tls_dir)
 
     async def _spawn(self, role: str, args: Sequence[str]) -> _Child:
         command = [sys.executable, "-m", "kvmesh.cli", "serve", role, "--log-level", self._log_level, *args]

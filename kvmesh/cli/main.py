@@ -1,10 +1,12 @@
 """The `kvmesh` command.
 
     kvmesh serve gateway|prefill|decode|cache-store [flags]   run one role (what a Kubernetes pod runs)
-    kvmesh up [--port 50051] [--model PATH] [--transport auto|shm|grpc]   all four roles on loopback
+    kvmesh up [--port 50051] [--model PATH] [--transport auto|shm|grpc] [--insecure]   all four roles
+                                                              on loopback (mutual TLS between them)
     kvmesh complete --target HOST:PORT --file F [--line L --column C] [--max-tokens N]
     kvmesh edit --target HOST:PORT --file F --snippet S [--no-speculative] [--max-tokens N]
     kvmesh demo                                                up, one completion and one edit through it, stop
+    kvmesh certs DIR [--hosts NAME ...]                        a development CA and a certificate per role
 
 `kvmesh serve ROLE --help` lists a role's flags with their KVMESH_* variables (kvmesh.cli.settings).
 Exit codes: 0 success or stopped by a signal, 1 failure at run time, 2 bad flags or variables.
@@ -110,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_arguments(edit)
 
+    certs = commands.add_parser(
+        "certs",
+        help="make a development CA and a certificate per role",
+        description=(
+            "Write ca.crt/ca.key and ROLE.crt/ROLE.key for every role into DIR (the layout --tls-dir reads). "
+            "Each certificate names its role (URI SAN spiffe://kvmesh/role/ROLE, DNS SAN "
+            "ROLE.kvmesh.internal), localhost and 127.0.0.1. For development: keep ca.key out of the mesh."
+        ),
+    )
+    certs.add_argument("dir", type=Path, help="directory to write (created if missing)")
+    certs.add_argument(
+        "--hosts", nargs="*", default=[], help="more DNS names or IP addresses for every certificate"
+    )
+
     demo = commands.add_parser(
         "demo", help="up + one completion + one edit + stop", description="Try the mesh in one command."
     )
@@ -124,7 +140,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens", type=int, default=0, help="tokens to generate (default: the gateway's)"
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: 1, off)"
+    )
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -139,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _up(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "certs":
+            return _certs(args)
         return _query(args)
     except SettingsError as error:
         print(f"kvmesh {args.command}: {error}", file=sys.stderr)
@@ -177,6 +197,7 @@ def _up(args: argparse.Namespace) -> int:
         log_level=values["log_level"],
         startup_timeout_s=values["startup_timeout_s"],
         environ=child_environ(),
+        mutual_tls=not values["insecure"],
     )
 
     async def run_mesh() -> None:
@@ -195,6 +216,18 @@ def _up(args: argparse.Namespace) -> int:
             await mesh.stop()
 
     return asyncio.run(up())
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from kvmesh.mesh.tls import make_mesh_certs
+
+    try:
+        directory = make_mesh_certs(args.dir, args.hosts)
+    except (OSError, ValueError) as error:
+        print(f"kvmesh certs: {error}", file=sys.stderr)
+        return 1
+    print(f"kvmesh certs: CA and certificates for {', '.join(ROLES)} in {directory}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -248,7 +281,12 @@ def _demo_edit(address: str) -> None:
 def _query(args: argparse.Namespace) -> int:
     values = resolve(CLIENT_OPTIONS, args)
     try:
-        with Client(values["target"], timeout_s=values["timeout_s"], api_key=values["api_key"]) as client:
+        with Client(
+            values["target"],
+            timeout_s=values["timeout_s"],
+            api_key=values["api_key"],
+            tls_ca_file=values["tls_ca"],
+        ) as client:
             last = _print_stream(_request(client, args))
     except OSError as error:
         print(f"kvmesh {args.command}: {error}", file=sys.stderr)

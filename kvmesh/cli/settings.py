@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.mesh.server import ServerConfig
+from kvmesh.mesh.tls import PublicTLSConfig, TLSConfig
 
 if TYPE_CHECKING:
     from cache_store.server import CacheStoreConfig
@@ -100,7 +101,27 @@ LOG_LEVEL = Option("--log-level", str, "info", "logging level", LOG_LEVELS)
 MODEL = Option("--model", str, None, "checkpoint directory (default: the built-in model)")
 CACHE_STORE = Option("--cache-store", str, None, "cache store address, host:port (required)")
 
-SERVER_OPTIONS = (HOST, PORT, GRACE_S, METRICS_PORT, LOG_LEVEL)
+METRICS_HOST = Option("--metrics-host", str, None, "interface the metrics server binds (default: --host)")
+TLS_DIR = Option(
+    "--tls-dir",
+    str,
+    None,
+    "mutual TLS between roles: directory with ca.crt, ROLE.crt, ROLE.key (`kvmesh certs`); unset: plaintext",
+)
+HEALTH_PORT = Option(
+    "--health-port",
+    _optional_int,
+    None,
+    "plaintext gRPC health port for probes without a client certificate (0 picks one); "
+    "unset: none, or a free one when TLS is on",
+)
+# NOTE: the defaults are kvmesh.mesh.convert's DEFAULT_MAX_STOP_STRINGS and _CHARS (tests check they agree).
+MAX_STOP_STRINGS = Option("--max-stop-strings", int, 16, "most sampling.stop_strings a request may send")
+MAX_STOP_STRING_CHARS = Option(
+    "--max-stop-string-chars", int, 256, "longest stop string a request may send, in characters"
+)
+
+SERVER_OPTIONS = (HOST, PORT, GRACE_S, METRICS_PORT, METRICS_HOST, LOG_LEVEL, TLS_DIR, HEALTH_PORT)
 WORKER_OPTIONS = (
     MODEL,
     CACHE_STORE,
@@ -140,8 +161,13 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("--default-max-tokens", int, 64, "tokens generated when a request asks for 0"),
         Option("--max-request-bytes", parse_bytes, 1024 * 1024, "largest request accepted (e.g. 1MiB)"),
         Option("--max-snippet-chars", int, 16384, "longest update snippet an edit may send, in characters"),
+        MAX_STOP_STRINGS,
+        MAX_STOP_STRING_CHARS,
         Option("--request-timeout-s", float, 60.0, "deadline of requests that set none, in seconds"),
         Option("--refresh-ms", int, 500, "how often the worker list is re-read, in milliseconds"),
+        Option(
+            "--unlisted-grace-ms", int, 5000, "how long a worker the cache store stops listing stays routable"
+        ),
         Option("--use-prefill-min-tokens", int, 0, "shorter prompts are prefilled by the decode worker"),
         Option("--transport", str, "auto", "KV transport between workers", ("auto", "shm", "grpc")),
         Option("--max-attempts", int, 3, "tries per request when a worker is unavailable"),
@@ -152,6 +178,12 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
             'JSON {"keys": {key: tenant}, "groups": {tenant: group}}; unset: multi-tenancy off',
         ),
         Option(
+            "--salt-secret-file",
+            str,
+            None,
+            "file of the secret (>= 32 bytes) tenant cache salts are HMACs under; required with --api-keys-file",
+        ),
+        Option(
             "--disagg-min-tokens",
             int,
             256,
@@ -160,6 +192,8 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("--decode-load-weight", float, 1.0, "routing cost of one request of decode load, in blocks"),
         Option("--max-load-imbalance", int, 4, "requests a decode worker may exceed the least loaded by"),
         Option("--lookup-timeout-ms", int, 100, "cache store lookup deadline; past it, route by load alone"),
+        Option("--public-tls-cert", str, None, "TLS certificate (PEM) of the public port; unset: plaintext"),
+        Option("--public-tls-key", str, None, "private key (PEM) of --public-tls-cert"),
     ),
     "prefill": (
         *SERVER_OPTIONS,
@@ -176,7 +210,11 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
             "token budget of one forward pass: decodes, drafts and prompt chunks (small: short gaps)",
         ),
         Option("--max-tokens-limit", int, 4096, "largest sampling.max_tokens accepted"),
-        Option("--kv-quarantine-s", float, 2.0, "seconds a cancelled shm transfer's blocks stay out of use"),
+        MAX_STOP_STRINGS,
+        MAX_STOP_STRING_CHARS,
+        Option(
+            "--kv-quarantine-s", float, 2.0, "most seconds a cancelled shm transfer's blocks stay out of use"
+        ),
     ),
     "cache-store": (
         *SERVER_OPTIONS,
@@ -188,16 +226,26 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
 TARGET = Option("--target", str, "127.0.0.1:50051", "gateway address, host:port")
 TIMEOUT_S = Option("--timeout-s", float, 60.0, "deadline of the call, in seconds")
 API_KEY = Option("--api-key", str, None, "API key for a gateway with multi-tenancy on (prefer the variable)")
-CLIENT_OPTIONS = (TARGET, TIMEOUT_S, API_KEY)
+TLS_CA = Option(
+    "--tls-ca", str, None, "CA certificate (PEM) to verify a gateway that serves TLS; unset: plaintext"
+)
+CLIENT_OPTIONS = (TARGET, TIMEOUT_S, API_KEY, TLS_CA)
 UP_OPTIONS = (
     Option("--port", int, 50051, "the gateway's gRPC port"),
     MODEL,
     Option("--transport", str, "auto", "KV transport between workers", ("auto", "shm", "grpc")),
     Option("--log-level", str, "warning", "the roles' logging level", LOG_LEVELS),
     Option("--startup-timeout-s", float, 180.0, "how long each role may take to report SERVING"),
+    Option(
+        "--insecure",
+        _boolean,
+        False,
+        "plaintext between the roles (default: mutual TLS with a throwaway CA)",
+        boolean=True,
+    ),
 )
 
-PER_PROCESS_VARIABLES = ("--port", "--metrics-port", "--worker-id")
+PER_PROCESS_VARIABLES = ("--port", "--metrics-port", "--worker-id", "--health-port")
 """Variables `kvmesh up` does not pass on: four processes cannot share one port or one id."""
 
 
@@ -262,6 +310,8 @@ class RoleSettings:
     config has none, so the CLI serves its metrics."""
     num_threads: int | None
     """torch threads for a worker; None for roles that run no model."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the metrics server (--metrics-host, else --host)."""
 
 
 def role_settings(
@@ -275,9 +325,19 @@ def role_settings(
     if role not in ROLE_OPTIONS:
         raise SettingsError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     values = resolve(ROLE_OPTIONS[role], args, environ)
-    server = ServerConfig(host=values["host"], port=values["port"], grace_s=values["grace_s"])
+    mesh_tls = _mesh_tls(values, role)
     num_threads = None
     try:
+        server = ServerConfig(
+            host=values["host"],
+            port=values["port"],
+            grace_s=values["grace_s"],
+            # The gateway's own port is the public API: never mutual TLS (its channels are, below).
+            tls=mesh_tls if role != "gateway" else None,
+            public_tls=_public_tls(values) if role == "gateway" else None,
+            health_port=values["health_port"],
+            metrics_host=values["metrics_host"] or None,
+        )
         if role == "cache-store":
             from cache_store.server import CacheStoreConfig
 
@@ -287,6 +347,8 @@ def role_settings(
                 heartbeat_interval_ms=values["heartbeat_interval_ms"],
                 expiry_ms=values["expiry_ms"],
                 grace_s=server.grace_s,
+                tls=server.tls,
+                health_port=server.health_port,
             )
         elif role == "gateway":
             from gateway.config import GatewayConfig
@@ -300,11 +362,15 @@ def role_settings(
                 default_max_tokens=values["default_max_tokens"],
                 max_request_bytes=values["max_request_bytes"],
                 max_snippet_chars=values["max_snippet_chars"],
+                max_stop_strings=values["max_stop_strings"],
+                max_stop_string_chars=values["max_stop_string_chars"],
                 request_timeout_s=values["request_timeout_s"],
                 refresh_ms=values["refresh_ms"],
+                unlisted_grace_ms=values["unlisted_grace_ms"],
                 max_attempts=values["max_attempts"],
                 metrics_port=values["metrics_port"],
                 api_keys_file=values["api_keys_file"] or None,
+                salt_secret_file=values["salt_secret_file"] or None,
                 routing=RoutingConfig(
                     disagg_min_tokens=values["disagg_min_tokens"],
                     decode_load_weight=values["decode_load_weight"],
@@ -313,6 +379,7 @@ def role_settings(
                     transport=values["transport"],
                 ),
                 lookup_timeout_ms=values["lookup_timeout_ms"],
+                tls=mesh_tls,
             )
         else:
             model, registration = _worker_settings(values, default_model)
@@ -335,13 +402,29 @@ def role_settings(
                     model,
                     registration,
                     max_tokens_limit=values["max_tokens_limit"],
+                    max_stop_strings=values["max_stop_strings"],
+                    max_stop_string_chars=values["max_stop_string_chars"],
                     metrics_port=values["metrics_port"],
                     kv_quarantine_s=values["kv_quarantine_s"],
                     require_cache_salt=values["require_cache_salt"],
                 )
     except ValueError as error:  # a config's own checks (__post_init__)
         raise SettingsError(f"kvmesh serve {role}: {error}") from None
-    return RoleSettings(role, config, values["log_level"], values["metrics_port"], num_threads)
+    return RoleSettings(
+        role, config, values["log_level"], values["metrics_port"], num_threads, server.metrics_bind_host
+    )
+
+
+def _mesh_tls(values: dict[str, Any], role: str) -> TLSConfig | None:
+    """The role's mesh identity in --tls-dir; None without it. The files are read when the role starts."""
+    return TLSConfig.in_dir(values["tls_dir"], role) if values["tls_dir"] else None
+
+
+def _public_tls(values: dict[str, Any]) -> PublicTLSConfig | None:
+    cert, key = values["public_tls_cert"], values["public_tls_key"]
+    if bool(cert) != bool(key):
+        raise SettingsError("--public-tls-cert and --public-tls-key go together: set both or neither")
+    return PublicTLSConfig(cert, key) if cert else None
 
 
 def _worker_settings(

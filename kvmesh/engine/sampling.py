@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ class SamplingParams:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p:g}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
@@ -44,6 +45,11 @@ class SamplingParams:
         """`generate`-style keyword options; lists given for the tuple fields become tuples."""
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
         return cls(max_new_tokens=max_new_tokens, **fields)  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def max_stop_string_bytes(self) -> int:
+        """UTF-8 length of the longest stop string (0 without any): how far back the stop check looks."""
+        return max((len(s.encode()) for s in self.stop_strings), default=0)
 
     @property
     def greedy(self) -> bool:

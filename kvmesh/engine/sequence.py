@@ -106,8 +106,10 @@ class StopChecker:
     def _hits_stop_string(self, seq: Sequence) -> bool:
         # Only the tail can hold a stop string that the newest token completed; a token is at least
         # one byte, so this many tokens cover the longest stop string.
-        longest = max(len(s.encode()) for s in seq.params.stop_strings)
-        tail = self._tokenizer.decode(seq.output_token_ids[-(longest + 1) :])
+        # NOTE: O(longest stop string) per token, never O(output): the slice is taken straight from
+        # token_ids (output_token_ids would copy the whole output first).
+        start = max(seq.num_prompt_tokens, len(seq.token_ids) - seq.params.max_stop_string_bytes - 1)
+        tail = self._tokenizer.decode(seq.token_ids[start:])
         return any(s in tail for s in seq.params.stop_strings)
 
 

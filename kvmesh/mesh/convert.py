@@ -35,13 +35,24 @@ FINISH_REASON_TO_PROTO: dict[str | None, int] = {
 look up, so that this module need not import kvmesh.engine.sequence (and torch)."""
 
 
-def sampling_from_proto(
-    sampling: common_pb2.SamplingParams, default_max_tokens: int, max_tokens_limit: int
-) -> SamplingParams:
-    """The request's sampling, defaults filled in: max_tokens 0 is default_max_tokens, top_p 0 is 1.
+DEFAULT_MAX_STOP_STRINGS = 16
+"""Most stop strings a request may send, unless a server's config says otherwise."""
+DEFAULT_MAX_STOP_STRING_CHARS = 256
+"""Longest stop string a request may send, in characters, unless a server's config says otherwise."""
 
-    max_tokens_limit is this server's; SamplingParams checks the other values. Raises ServiceError
-    (INVALID_ARGUMENT) naming the field.
+
+def sampling_from_proto(
+    sampling: common_pb2.SamplingParams,
+    default_max_tokens: int,
+    max_tokens_limit: int,
+    *,
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS,
+    max_stop_string_chars: int = DEFAULT_MAX_STOP_STRING_CHARS,
+) -> SamplingParams:
+    """The request's sampling, defaults filled in: max_tokens 0 is default_max_tokens, top_p unset is 1.
+
+    The limits are this server's (the stop-string ones bound the per-token stop check); SamplingParams
+    checks the other values. Raises ServiceError (INVALID_ARGUMENT) naming the field.
     """
     from kvmesh.engine.sampling import SamplingParams
 
@@ -51,12 +62,13 @@ def sampling_from_proto(
             f"sampling.max_tokens must be between 0 and {max_tokens_limit} (0 means the default, "
             f"{default_max_tokens}), got {sampling.max_tokens}"
         )
+    _check_stop_strings(sampling.stop_strings, max_stop_strings, max_stop_string_chars)
     try:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=sampling.temperature,
-            # proto3 cannot tell an unset float from 0, and top_p = 0 would keep no token: 0 means off.
-            top_p=sampling.top_p or 1.0,
+            # An explicit top_p is checked as sent (0 keeps no token: SamplingParams refuses it).
+            top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
             top_k=sampling.top_k,
             seed=sampling.seed if sampling.HasField("seed") else None,
             stop_token_ids=tuple(sampling.stop_token_ids),
@@ -66,6 +78,22 @@ def sampling_from_proto(
     except ValueError as error:
         # SamplingParams' messages start with the field's name ("top_p must be in (0, 1], got 1.5").
         raise invalid(f"sampling.{error}") from None
+
+
+def _check_stop_strings(stop_strings: Sequence[str], max_count: int, max_chars: int) -> None:
+    if len(stop_strings) > max_count:
+        raise invalid(
+            f"sampling.stop_strings has {len(stop_strings)} strings, more than the limit of {max_count} "
+            "(max_stop_strings)"
+        )
+    for i, stop in enumerate(stop_strings):
+        if not stop:
+            raise invalid(f"sampling.stop_strings[{i}] is empty: every stop string needs a character")
+        if len(stop) > max_chars:
+            raise invalid(
+                f"sampling.stop_strings[{i}] is {len(stop)} characters, more than the limit of {max_chars} "
+                "(max_stop_string_chars)"
+            )
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

@@ -18,6 +18,7 @@ import grpc.aio
 
 from kvmesh.engine.kv_event import KVEvent, KVEventKind
 from kvmesh.mesh.convert import kv_events_to_proto
+from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,12 @@ async def publish_kv_events(
     source: KVEventSource,
     *,
     period_s: float = 0.02,
-    retry_s: float = 0.5,
+    retry_s: float = 0.2,
+    tls: TLSConfig | None = None,
 ) -> None:
     """Streams source's events to the cache store as worker_id; runs until cancelled.
+
+    tls: the worker's mesh identity, presented to the cache store; None: plaintext.
 
     Sends the inventory on every (re)connect, then every period_s the new events as one batch (none
     when there are none). Any RPC error (the cache store restarted, or does not know the worker yet:
@@ -62,7 +66,7 @@ async def publish_kv_events(
     # Reconnect attempts follow retry_s rather than gRPC's own backoff, which grows to two minutes.
     retry_ms = max(1, int(retry_s * 1000))
     options = [("grpc.initial_reconnect_backoff_ms", retry_ms), ("grpc.max_reconnect_backoff_ms", retry_ms)]
-    async with grpc.aio.insecure_channel(cache_store_address, options=options) as channel:
+    async with mesh_channel(cache_store_address, tls, "cache-store", options) as channel:
         stub = cache_store_pb2_grpc.CacheStoreStub(channel)
         last_error: grpc.StatusCode | None = None
 
@@ -96,14 +100,20 @@ async def _publish_one_stream(
 
     Calls on_up once the stream has lived up_after_s (long enough for a refusal to have come back).
     """
-    call = stub.PublishKVEvents()
+    # NOTE: requests go through an Outbox the call reads, not call.write(): on a channel with client
+    # interceptors (tracing) grpc.aio turns write() into an async generator read by a task of its own,
+    # and when the cache store goes away that task is left pending forever ("Task was destroyed but it
+    # is pending!" and an "aclose(): asynchronous generator is already running" traceback on every
+    # reconnect). Closing the Outbox ends the reading task whatever state the call is in.
+    outbox = _Outbox()
+    call = stub.PublishKVEvents(outbox)
     try:
         # NOTE: events first, inventory second: the inventory supersedes every event queued before it,
         # and an event that lands between the two calls is repeated harmlessly (STORED and REMOVED are
         # idempotent), whereas the other order could lose one.
         source.take_events()
         for batch in _inventory_batches(worker_id, source.inventory()):
-            if not await _write(call, batch):
+            if not _write(call, outbox, batch):
                 break
         loop = asyncio.get_running_loop()
         up_at: float | None = loop.time() + up_after_s
@@ -115,33 +125,65 @@ async def _publish_one_stream(
             # Taken even when the call has just ended: the next stream's inventory supersedes them.
             events = source.take_events()
             if events and not call.done():
-                await _write(
-                    call, cache_store_pb2.KVEventBatch(worker_id=worker_id, events=kv_events_to_proto(events))
+                _write(
+                    call,
+                    outbox,
+                    cache_store_pb2.KVEventBatch(worker_id=worker_id, events=kv_events_to_proto(events)),
                 )
         await call  # raises the status the cache store ended the call with, unless it was OK
     except asyncio.CancelledError:
-        await _close(call)
+        await _close(call, outbox)
         raise
     finally:
+        outbox.close()
         call.cancel()  # a no-op once the call is done
 
 
-async def _write(call: grpc.aio.StreamUnaryCall, batch: cache_store_pb2.KVEventBatch) -> bool:
-    """Sends batch; False when the cache store had already ended the call (its status tells why)."""
-    try:
-        await call.write(batch)
-    except asyncio.InvalidStateError:
+class _Outbox:
+    """The request stream of one PublishKVEvents call: batches put here are sent in order; close() ends it.
+
+    A plain async iterator, not an async generator: nothing for the event loop to finalize later.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[cache_store_pb2.KVEventBatch | None] = asyncio.Queue()
+        self._closed = False
+
+    def put(self, batch: cache_store_pb2.KVEventBatch) -> None:
+        if not self._closed:
+            self._queue.put_nowait(batch)
+
+    def close(self) -> None:
+        """Ends the stream after the batches already put (a half-close, if the call still runs)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put_nowait(None)
+
+    def __aiter__(self) -> _Outbox:
+        return self
+
+    async def __anext__(self) -> cache_store_pb2.KVEventBatch:
+        batch = await self._queue.get()
+        if batch is None:
+            raise StopAsyncIteration
+        return batch
+
+
+def _write(call: grpc.aio.StreamUnaryCall, outbox: _Outbox, batch: cache_store_pb2.KVEventBatch) -> bool:
+    """Queues batch; False when the cache store had already ended the call (its status tells why)."""
+    if call.done():
         return False
+    outbox.put(batch)
     return True
 
 
-async def _close(call: grpc.aio.StreamUnaryCall) -> None:
+async def _close(call: grpc.aio.StreamUnaryCall, outbox: _Outbox) -> None:
     """Half-closes the stream and waits briefly for the reply, so the cache store sees a clean end."""
+    outbox.close()
     if call.done():
         return
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            await call.done_writing()
             await call
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
         pass  # the call ends anyway: the caller cancels it next

@@ -14,16 +14,20 @@ process; in embedded mode (all roles in one process) the first role's service na
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import prometheus_client
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
 from opentelemetry.instrumentation.grpc import filters as grpc_filters
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from kvmesh.mesh.server_tracing import StreamSafeInstrumentor
 
 _tracer_provider: TracerProvider | None = None
 """The process's tracer provider, once setup_telemetry has run."""
@@ -66,7 +70,8 @@ def setup_telemetry(service_name: str) -> TracerProvider:
     meter_provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
     metrics.set_meter_provider(meter_provider)
 
-    GrpcAioInstrumentorServer(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
+    # Not GrpcAioInstrumentorServer: see kvmesh.mesh.server_tracing (cancelled streams, quiet logs).
+    StreamSafeInstrumentor(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
     GrpcAioInstrumentorClient(filter_=_not_infrastructure()).instrument(tracer_provider=tracer_provider)
     _tracer_provider = tracer_provider
     return tracer_provider
@@ -87,15 +92,34 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
 
+@contextmanager
+def span_across_yields(tracer: trace.Tracer, name: str) -> Iterator[trace.Span]:
+    """A span for a block that yields (in an async generator): started and ended, never made current.
+
+    NOTE: `with start_as_current_span(...)` around a yield attaches a context that must be detached in
+    the same task; a cancelled stream's generator is closed from another task, where that fails with
+    "Failed to detach context" and a traceback. Spans started inside the block are not its children.
+    """
+    span = tracer.start_span(name)
+    try:
+        yield span
+    except Exception as error:
+        span.record_exception(error)
+        raise
+    finally:
+        span.end()
+
+
 def meter(name: str) -> metrics.Meter:
     """A meter for one module (pass __name__); its instruments appear on the metrics port."""
     return metrics.get_meter(name)
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
+def start_metrics_server(port: int, host: str) -> int:
     """Serves prometheus_client's default registry over HTTP (/metrics) on a daemon thread.
 
-    port 0 picks a free port; returns the bound port.
+    host: the interface to bind, the role's own (ServerConfig.metrics_bind_host) unless told otherwise;
+    "0.0.0.0" exposes the metrics on every interface. port 0 picks a free port; returns the bound port.
     """
     http_server, _thread = prometheus_client.start_http_server(port, addr=host)
     return int(http_server.server_port)

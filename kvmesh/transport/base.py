@@ -58,6 +58,12 @@ class KVDestination:
     """The destination pool's name: its shared-memory segment (shm)."""
     host_id: str = ""
     """The destination's host, for shm: a pool with this name is only meaningful on that host."""
+    request_id: str = ""
+    """The request the blocks are reserved for (part of the grant)."""
+    grant: bytes = b""
+    """The pool owner's write grant for exactly these blocks (`kvmesh.transport.grant`); shm only."""
+    grant_expires_unix_ms: int = 0
+    """When the grant stops being valid, in Unix milliseconds."""
 
     def __post_init__(self) -> None:
         # NOTE: a tuple, so the descriptor stays hashable and nobody edits the block list in flight.
@@ -96,8 +102,10 @@ class KVSender(ABC):
         the awaiting task does not cut a copy short: it waits for the copy, then re-raises.
 
         Raises ValueError when the transfer is malformed (layouts differ, block counts differ, ids out of
-        range or repeated in the destination, `dest.transport` names another transport) and
-        TransferError when the destination cannot be reached (its pool is gone).
+        range or repeated in the destination, `dest.transport` names another transport),
+        TransferError when the destination cannot be reached (its pool is gone), and GrantError
+        (`kvmesh.transport.grant`) when a transport that writes into another process's pool finds no valid
+        grant from the pool's owner for exactly these blocks; nothing is written then.
         """
 
     def close(self) -> None:  # noqa: B027 (a no-op default: most senders hold nothing)

@@ -19,6 +19,8 @@ import contextlib
 import mmap
 import os
 import re
+import secrets
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -38,13 +40,15 @@ from kvmesh.transport.base import (
     register_sender,
     run_copy,
 )
+from kvmesh.transport.grant import GRANT_KEY_BYTES, check_grant, sign_grant
 
 SHM_DIR = "/dev/shm"
 """Where Linux keeps POSIX shared memory; a segment named N is the file SHM_DIR/N."""
 
-# A segment is a header page that names the layout (so a wrong layout is an error, not garbage KV),
-# then the pool tensor, page-aligned.
+# A segment is a header page that names the layout (so a wrong layout is an error, not garbage KV) and
+# holds the pool's write-grant key, then the pool tensor, page-aligned.
 _HEADER_BYTES = 4096
+_KEY_OFFSET = 2048
 _MAGIC = "kvmesh-kv-pool-v1"
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
@@ -60,7 +64,7 @@ def _path(name: str) -> str:
 def _layout_header(layout: KVLayout) -> bytes:
     fields = (layout.num_layers, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
     header = f"{_MAGIC} {' '.join(map(str, fields))} {str(layout.dtype).removeprefix('torch.')}\n".encode()
-    return header.ljust(_HEADER_BYTES, b"\0")
+    return header.ljust(_KEY_OFFSET, b"\0")
 
 
 def _map(fd: int, layout: KVLayout) -> tuple[mmap.mmap, torch.Tensor]:
@@ -77,10 +81,22 @@ def _map(fd: int, layout: KVLayout) -> tuple[mmap.mmap, torch.Tensor]:
 class SharedKVPool:
     """The creator's handle on a KV pool in shared memory (the decode side). Close it to unlink."""
 
-    def __init__(self, name: str, layout: KVLayout) -> None:
+    def __init__(self, name: str, layout: KVLayout, grant_key: bytes) -> None:
         self.name = name
         self.layout = layout
+        self._grant_key = grant_key
         self._closed = False
+
+    def destination(
+        self, request_id: str, block_ids: Sequence[int], host_id: str, timeout_s: float | None = None
+    ) -> KVDestination:
+        """A destination for a writer on this host: these reserved blocks, for this request only, signed
+        with the pool's key (valid for timeout_s, default 60 s)."""
+        expires = int((time.time() + (60.0 if timeout_s is None else timeout_s)) * 1000)
+        grant = sign_grant(self._grant_key, request_id, self.name, block_ids, expires)
+        return KVDestination(
+            "shm", tuple(block_ids), self.layout, self.name, host_id, request_id, grant, expires
+        )
 
     @classmethod
     def create(cls, layout: KVLayout, name: str | None = None) -> tuple[KVPool, SharedKVPool]:
@@ -105,7 +121,9 @@ class SharedKVPool:
                     "(in a container, give /dev/shm more room, or use fewer blocks)",
                 ) from e
             mapping, kv = _map(fd, layout)
-            mapping[:_HEADER_BYTES] = _layout_header(layout)
+            grant_key = secrets.token_bytes(GRANT_KEY_BYTES)
+            mapping[:_KEY_OFFSET] = _layout_header(layout)
+            mapping[_KEY_OFFSET : _KEY_OFFSET + GRANT_KEY_BYTES] = grant_key
         except BaseException:
             os.unlink(path)
             raise
@@ -114,7 +132,7 @@ class SharedKVPool:
         # Unlinked by the tracker process if this process dies without close(); the name format is
         # what multiprocessing.shared_memory registers ("/" + name).
         resource_tracker.register("/" + name, "shared_memory")
-        return KVPool(layout, storage=kv), cls(name, layout)
+        return KVPool(layout, storage=kv), cls(name, layout, grant_key)
 
     def close(self) -> None:
         """Unlink the segment's name: no new attachment can be made. Idempotent.
@@ -143,16 +161,17 @@ def attach(name: str, layout: KVLayout) -> torch.Tensor:
     the returned tensor or a view of it. Raises FileNotFoundError if no such segment exists, and
     ValueError if the segment's header names another layout (or it is no kvmesh pool).
     """
-    tensor, _ = _attach(name, layout)
+    tensor, _, _ = _attach(name, layout)
     return tensor
 
 
-def _attach(name: str, layout: KVLayout) -> tuple[torch.Tensor, int]:
+def _attach(name: str, layout: KVLayout) -> tuple[torch.Tensor, int, bytes]:
+    """The pool tensor, the segment's inode and its write-grant key."""
     fd = os.open(_path(name), os.O_RDWR)
     try:
         stat = os.fstat(fd)
         header = os.pread(fd, _HEADER_BYTES, 0)
-        if header != _layout_header(layout) or stat.st_size != _HEADER_BYTES + layout.num_bytes:
+        if header[:_KEY_OFFSET] != _layout_header(layout) or stat.st_size != _HEADER_BYTES + layout.num_bytes:
             found = (
                 header.split(b"\n", 1)[0].decode(errors="replace")
                 if header.startswith(_MAGIC.encode())
@@ -163,7 +182,7 @@ def _attach(name: str, layout: KVLayout) -> tuple[torch.Tensor, int]:
                 f"says layout {layout}: the descriptor does not match the pool"
             )
         _, kv = _map(fd, layout)
-        return kv, stat.st_ino
+        return kv, stat.st_ino, header[_KEY_OFFSET : _KEY_OFFSET + GRANT_KEY_BYTES]
     finally:
         os.close(fd)
 
@@ -174,6 +193,7 @@ class _Attachment:
     layout: KVLayout
     inode: int
     """Tells a recreated segment of the same name from the one mapped."""
+    grant_key: bytes
 
 
 class ShmSender(KVSender):
@@ -196,14 +216,28 @@ class ShmSender(KVSender):
         if dest.transport != self.name:
             raise ValueError(f"destination wants transport {dest.transport!r}, this sender is {self.name!r}")
         check_transfer(src_pool.layout, src_block_ids, dest)
-        dst_kv = self._attachment(dest.shm_name, dest.layout)
+        dst_kv = self.authorize(dest)
         num_bytes = len(dest.block_ids) * dest.layout.bytes_per_block
         seconds = await run_copy(
             lambda: copy_blocks(src_pool.kv, src_block_ids, dst_kv, dest.block_ids), num_bytes
         )
         return TransferStats(num_bytes, seconds, self.name)
 
-    def _attachment(self, name: str, layout: KVLayout) -> torch.Tensor:
+    def authorize(self, dest: KVDestination) -> torch.Tensor:
+        """The destination pool's tensor, once its owner's grant for exactly `dest` checks out. Raises
+        GrantError (nothing may be written), TransferError (no such pool) or ValueError (wrong layout)."""
+        attachment = self._attachment(dest.shm_name, dest.layout)
+        check_grant(
+            attachment.grant_key,
+            dest.grant,
+            dest.request_id,
+            dest.shm_name,
+            dest.block_ids,
+            dest.grant_expires_unix_ms,
+        )
+        return attachment.kv
+
+    def _attachment(self, name: str, layout: KVLayout) -> _Attachment:
         try:
             inode = os.stat(_path(name)).st_ino
         except FileNotFoundError:
@@ -215,10 +249,10 @@ class ShmSender(KVSender):
         if attachment is None or attachment.inode != inode:
             self._attachments.pop(name, None)
             try:
-                kv, inode = _attach(name, layout)
+                kv, inode, grant_key = _attach(name, layout)
             except FileNotFoundError:
                 raise TransferError(f"shared memory segment {name!r} disappeared while attaching") from None
-            attachment = _Attachment(kv, layout, inode)
+            attachment = _Attachment(kv, layout, inode, grant_key)
             self._attachments[name] = attachment
             while len(self._attachments) > self._max_attachments:
                 self._attachments.popitem(last=False)
@@ -227,7 +261,7 @@ class ShmSender(KVSender):
                 f"destination says layout {layout}, segment {name!r} was attached as {attachment.layout}"
             )
         self._attachments.move_to_end(name)
-        return attachment.kv
+        return attachment
 
     def close(self) -> None:
         # Dropping the tensors unmaps the segments (unless a caller still holds a view).

@@ -23,32 +23,50 @@ class KVLayoutSpec(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block")
+    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block", "grant", "grant_expires_unix_ms")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     transport: str
     shm_name: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     layout: KVLayoutSpec
     host_id: str
     first_block: int
-    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
+    grant: bytes
+    grant_expires_unix_ms: int
+    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ..., grant: _Optional[bytes] = ..., grant_expires_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "destination", "cache_salt")
+    __slots__ = ("request_id", "token_ids", "destination", "cache_salt", "transfer_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     destination: KVDestination
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    transfer_id: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ..., cache_salt: _Optional[str] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+
+class CancelPrefillRequest(_message.Message):
+    __slots__ = ("transfer_id",)
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    def __init__(self, transfer_id: _Optional[str] = ...) -> None: ...
+
+class CancelPrefillReply(_message.Message):
+    __slots__ = ("was_running",)
+    WAS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    was_running: bool
+    def __init__(self, was_running: _Optional[bool] = ...) -> None: ...
 
 class KVData(_message.Message):
     __slots__ = ("offset_bytes", "payload", "crc32")

@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=kvmesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_prefill__pb2.PrefillChunk.FromString,
                 _registered_method=True)
+        self.CancelPrefill = channel.unary_unary(
+                '/kvmesh.v1.Prefill/CancelPrefill',
+                request_serializer=kvmesh_dot_v1_dot_prefill__pb2.CancelPrefillRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_prefill__pb2.CancelPrefillReply.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -55,6 +60,16 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelPrefill(self, request, context):
+        """Stops the Prefill call of a transfer, if it still runs, and answers once nothing writes into its
+        destination any more, nor will (a Prefill call of that transfer arriving later is refused). The
+        decode worker calls it for a cancelled "shm" transfer, so that it can reuse the reserved blocks at
+        once instead of after a quarantine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +77,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=kvmesh_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_prefill__pb2.PrefillChunk.SerializeToString,
+            ),
+            'CancelPrefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelPrefill,
+                    request_deserializer=kvmesh_dot_v1_dot_prefill__pb2.CancelPrefillRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_prefill__pb2.CancelPrefillReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +112,33 @@ class Prefill:
             '/kvmesh.v1.Prefill/Prefill',
             kvmesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             kvmesh_dot_v1_dot_prefill__pb2.PrefillChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelPrefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Prefill/CancelPrefill',
+            kvmesh_dot_v1_dot_prefill__pb2.CancelPrefillRequest.SerializeToString,
+            kvmesh_dot_v1_dot_prefill__pb2.CancelPrefillReply.FromString,
             options,
             channel_credentials,
             insecure,

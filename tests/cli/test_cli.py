@@ -319,3 +319,23 @@ def test_a_gpu_decode_worker_offering_shm_is_refused_with_what_to_change() -> No
         "serve", "decode", "--model", "/m", "--cache-store", "h:1", "--device", "cuda", "--transports", "grpc"
     )
     assert isinstance(settings.config, DecodeConfig)
+
+
+def test_up_with_multi_tenancy_generates_a_private_salt_secret() -> None:
+    import asyncio
+    import stat
+
+    from kvmesh.cli.launcher import LocalMesh
+
+    tenants = LocalMesh(port=0, model_path="unused", environ={"KVMESH_API_KEYS_FILE": "/keys.json"})
+    tenants._ensure_salt_secret()
+    secret = Path(tenants._environ["KVMESH_SALT_SECRET_FILE"])
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_text()) == 64
+    asyncio.run(tenants.stop())
+    assert not secret.exists() and "KVMESH_SALT_SECRET_FILE" not in tenants._environ
+    # The operator's own secret is kept; without multi-tenancy, none is made.
+    given = {"KVMESH_API_KEYS_FILE": "/keys.json", "KVMESH_SALT_SECRET_FILE": "/etc/salt.key"}
+    for environ in (given, {}):
+        mesh = LocalMesh(port=0, model_path="unused", environ=environ)
+        mesh._ensure_salt_secret()
+        assert mesh._environ == environ

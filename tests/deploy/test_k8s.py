@@ -40,6 +40,8 @@ from tests.k8s_support import (
 def test_every_object_is_valid_kubernetes(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     objects = rendered[overlay]
     for obj in objects:
+        if obj["apiVersion"].startswith("cert-manager.io/"):  # CRDs: kubernetes-validate has no schema
+            continue
         # strict: a misspelt or misplaced field is an error, not silently dropped by the API server
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     kinds = {obj["kind"] for obj in objects}
@@ -60,7 +62,8 @@ def test_every_object_is_valid_kubernetes(rendered: dict[str, list[dict[str, Any
 def test_podmonitor_component_scrapes_every_role(with_podmonitors: list[dict[str, Any]]) -> None:
     monitors = of_kind(with_podmonitors, "PodMonitor")
     for obj in with_podmonitors:
-        if obj["kind"] != "PodMonitor":  # a CRD: kubernetes-validate has no schema for it
+        # CRDs: kubernetes-validate has no schema for them
+        if obj["kind"] != "PodMonitor" and not obj["apiVersion"].startswith("cert-manager.io/"):
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     for container in by_role(with_podmonitors).values():
         labels = container.deployment["spec"]["template"]["metadata"]["labels"]
@@ -68,6 +71,27 @@ def test_podmonitor_component_scrapes_every_role(with_podmonitors: list[dict[str
         assert monitor["metadata"]["namespace"] == "kvmesh"
         (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
         assert container.port(endpoint["port"]) == int(container.env["KVMESH_METRICS_PORT"])
+
+
+@each_overlay
+def test_cert_manager_issues_each_roles_mesh_certificate(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """Every role mounts its own Secret at KVMESH_TLS_DIR, with the file names --tls-dir reads, and the
+    cert-manager component issues that Secret with the role's URI and DNS names, from the mesh CA."""
+    objects = rendered[overlay]
+    certificates = {c["spec"]["secretName"]: c for c in of_kind(objects, "Certificate")}
+    issuers = {i["metadata"]["name"]: i for i in of_kind(objects, "Issuer")}
+    for container in by_role(objects).values():
+        role = container.role
+        volume = container.volume(container.env["KVMESH_TLS_DIR"])["secret"]
+        assert {item["path"] for item in volume["items"]} == {"ca.crt", f"{role}.crt", f"{role}.key"}
+        assert volume["defaultMode"] & 0o007 == 0, "keys readable by others"
+        certificate = certificates[volume["secretName"]]["spec"]
+        assert certificate["uris"] == [f"spiffe://kvmesh/role/{role}"]
+        assert f"{role}.kvmesh.internal" in certificate["dnsNames"]
+        assert {"server auth", "client auth"} <= set(certificate["usages"])
+        assert "ca" in issuers[certificate["issuerRef"]["name"]]["spec"]
 
 
 # ---- containers against `kvmesh serve` -----------------------------------------------------------------
@@ -128,10 +152,16 @@ def test_probes_and_services_use_the_ports_the_roles_serve(
     for container in roles.values():
         grpc_port = int(container.env["KVMESH_PORT"])
         assert container.port("grpc") == grpc_port
+        # With mutual TLS, the gRPC port wants a client certificate, which the kubelet has not: its
+        # probes go to the plaintext health port.
+        probe_port = grpc_port
+        if "KVMESH_TLS_DIR" in container.env and container.role != "gateway":
+            probe_port = int(container.env["KVMESH_HEALTH_PORT"])
+            assert container.port("health") == probe_port
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container.spec[kind]
             (action,) = {"grpc", "tcpSocket"} & set(probe)
-            assert probe[action]["port"] == grpc_port, f"{container.role} {kind}"
+            assert probe[action]["port"] == probe_port, f"{container.role} {kind}"
             if action == "grpc" or kind == "readinessProbe":
                 assert action == "grpc" and not probe["grpc"].get("service"), "health of the whole server"
         if container.role != "gateway":  # the gateway's health follows the decode pool (see gateway.yaml)

@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.cli.launcher import SERVING_LINE
 from kvmesh.client import Client
+from kvmesh.mesh.tls import make_mesh_certs
 from tests.k8s_support import (
     ROOT,
     WORKERS,
@@ -110,10 +112,15 @@ def loopback_env(
     manifests' fixed ones (four pods would share them on one machine), the test checkpoint in place of
     the model, and Secret volumes written under root."""
     services = {s["metadata"]["name"]: s for s in of_kind(objects, "Service")}
+    certificates = {c["spec"]["secretName"] for c in of_kind(objects, "Certificate")}
+    if certificates and not (root / "mesh-certs").exists():
+        make_mesh_certs(root / "mesh-certs")
     owners = {c.role: c for c in containers(objects)}
     env = dict(container.env)
     env["KVMESH_PORT"] = str(ports[container.role, int(env["KVMESH_PORT"])])
     env["KVMESH_METRICS_PORT"] = str(ports[container.role, int(env["KVMESH_METRICS_PORT"])])
+    if "KVMESH_HEALTH_PORT" in env:
+        env["KVMESH_HEALTH_PORT"] = str(ports[container.role, int(env["KVMESH_HEALTH_PORT"])])
     env["KVMESH_MODEL"] = str(model)
     for name, value in list(env.items()):
         host, _, port = value.rpartition(":")
@@ -133,9 +140,20 @@ def loopback_env(
         volume = container.volume(mount["mountPath"])
         if "secret" not in volume:
             continue
-        secret = named(objects, "Secret", volume["secret"]["secretName"])
         directory = root / container.role / mount["mountPath"].lstrip("/")
         directory.mkdir(parents=True)
+        if volume["secret"]["secretName"] in certificates:
+            # Issued in the cluster (the cert-manager component): the test's mesh CA stands in for it.
+            for item in volume["secret"].get("items", []):
+                key = {
+                    "ca.crt": "ca.crt",
+                    "tls.crt": f"{container.role}.crt",
+                    "tls.key": f"{container.role}.key",
+                }
+                shutil.copy(root / "mesh-certs" / key[item["key"]], directory / item["path"])
+            env = {k: v.replace(mount["mountPath"], str(directory)) for k, v in env.items()}
+            continue
+        secret = named(objects, "Secret", volume["secret"]["secretName"])
         for key, data in secret["data"].items():
             (directory / key).write_bytes(base64.b64decode(data))
         env = {k: v.replace(mount["mountPath"], str(directory)) for k, v in env.items()}
@@ -154,7 +172,9 @@ def started_roles(
 ) -> Iterator[tuple[dict[str, RoleProcess], dict[str, Container], dict[tuple[str, int], int]]]:
     objects = rendered["cpu"]
     roles = by_role(objects)
-    ports = {(role, c.port(name)): free_port() for role, c in roles.items() for name in ("grpc", "metrics")}
+    ports = {
+        (role, port["containerPort"]): free_port() for role, c in roles.items() for port in c.spec["ports"]
+    }
     base_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
     processes: dict[str, RoleProcess] = {}
 

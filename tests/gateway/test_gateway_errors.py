@@ -5,7 +5,9 @@ request through shows up as a request that succeeds."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,49 @@ def sampling(**fields: object) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(**fields)  # type: ignore[arg-type]
 
 
-CASES: dict[str, tuple[gateway_pb2.CompleteRequest | gateway_pb2.EditRequest, list[str]]] = {
+@dataclass(frozen=True)
+class RawRequest:
+    """Bytes sent as a method's request as they are, not a message: what a broken client may send."""
+
+    method: str
+    data: bytes
+
+
+Request = gateway_pb2.CompleteRequest | gateway_pb2.EditRequest | RawRequest
+BAD_UTF8 = b"\xc3\x28"  # a UTF-8 lead byte followed by no continuation byte
+# CompleteRequest.prefix is field 1; EditRequest.sampling is field 4 and SamplingParams.stop_strings field 6.
+BAD_PREFIX = b"\x0a\x02" + BAD_UTF8
+BAD_STOP_STRING = b"\x22\x04\x32\x02" + BAD_UTF8
+
+CASES: dict[str, tuple[Request, list[str]]] = {
+    "undecodable body": (
+        RawRequest("/kvmesh.v1.Gateway/Complete", b"\xff\xff"),
+        ["the request is not a valid kvmesh.v1.CompleteRequest"],
+    ),
+    "bad UTF-8 in a string field": (
+        RawRequest("/kvmesh.v1.Gateway/Complete", BAD_PREFIX),
+        ["not a valid kvmesh.v1.CompleteRequest", "UTF-8", "field prefix"],
+    ),
+    "bad UTF-8 in a nested string field": (
+        RawRequest("/kvmesh.v1.Gateway/Edit", BAD_STOP_STRING),
+        ["not a valid kvmesh.v1.EditRequest", "field sampling.stop_strings[0]"],
+    ),
+    "too many stop strings": (
+        complete(prefix="x", sampling=sampling(stop_strings=[f"stop{i}" for i in range(40)])),
+        ["sampling.stop_strings has 40 strings, more than the limit of 16 (max_stop_strings)"],
+    ),
+    "stop string too long": (
+        complete(prefix="x", sampling=sampling(stop_strings=["\n", "x" * 300])),
+        ["sampling.stop_strings[1] is 300 characters", "limit of 256 (max_stop_string_chars)"],
+    ),
+    "empty stop string": (
+        complete(prefix="x", sampling=sampling(stop_strings=[""])),
+        ["sampling.stop_strings"],
+    ),
+    "top_p zero": (
+        complete(prefix="x", sampling=sampling(top_p=0.0)),
+        ["sampling.top_p must be in (0, 1], got 0"],
+    ),
     "empty document": (complete(), ["prefix", "suffix", "document.text"]),
     "empty original": (gateway_pb2.EditRequest(snippet="x = 1"), ["original"]),
     "line outside": (
@@ -84,8 +128,12 @@ CASES: dict[str, tuple[gateway_pb2.CompleteRequest | gateway_pb2.EditRequest, li
 }
 
 
-async def _call(address: str, request: gateway_pb2.CompleteRequest | gateway_pb2.EditRequest) -> None:
+async def _call(address: str, request: Request) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
+        if isinstance(request, RawRequest):
+            async for _ in channel.unary_stream(request.method)(request.data, timeout=10):
+                pass
+            return
         stub = gateway_pb2_grpc.GatewayStub(channel)
         method = stub.Complete if isinstance(request, gateway_pb2.CompleteRequest) else stub.Edit
         async for _ in method(request, timeout=10):
@@ -94,7 +142,7 @@ async def _call(address: str, request: gateway_pb2.CompleteRequest | gateway_pb2
 
 def _expect_error(
     checkpoint: Path,
-    request: gateway_pb2.CompleteRequest | gateway_pb2.EditRequest,
+    request: Request,
     code: grpc.StatusCode,
     with_decoder: bool = True,
     **gateway_overrides: Any,
@@ -114,11 +162,17 @@ def _expect_error(
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_invalid_argument_naming_the_field_and_limit(checkpoint: Path, case: str) -> None:
+def test_bad_input_is_invalid_argument_naming_the_field_and_limit(
+    checkpoint: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     request, fragments = CASES[case]
-    message = _expect_error(checkpoint, request, grpc.StatusCode.INVALID_ARGUMENT)
+    with caplog.at_level(logging.INFO):
+        message = _expect_error(checkpoint, request, grpc.StatusCode.INVALID_ARGUMENT)
     for fragment in fragments:
         assert fragment in message, message
+    # Bad input is the client's mistake, not the server's: no ERROR and no traceback in the log.
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
 
 
 def test_context_longer_than_the_model_context(checkpoint: Path, tokenizer: Tokenizer) -> None:

@@ -263,3 +263,32 @@ class _HungCacheStore(cache_store_pb2_grpc.CacheStoreServicer):
     ) -> cache_store_pb2.LookupReply:
         await asyncio.sleep(30)
         return cache_store_pb2.LookupReply()
+
+
+def test_merge_keeps_workers_the_cache_store_stops_listing_for_the_grace_period() -> None:
+    pool = WorkerPool("127.0.0.1:1", refresh_ms=100, unlisted_grace_ms=2000)
+    pool.merge([make_worker("d0"), make_worker("d1"), make_worker("p2", WorkerRole.PREFILL)], now=10.0)
+    # A restarted cache store lists nobody yet: the pool keeps serving on what it knew.
+    pool.merge([], now=10.5)
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d0", "d1", "p2"]
+    # d0 registered again (with a new load); d1 and p2 have not, yet.
+    pool.merge([make_worker("d0", num_running=5)], now=11.0)
+    assert [pool.load(w) for w in pool.workers(WorkerRole.DECODE)] == [5, 0]
+    pool.merge([make_worker("d0"), make_worker("p2", WorkerRole.PREFILL)], now=12.0)
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d0", "d1", "p2"]
+    # d1 was last listed at 10.0: past the grace it leaves; p2 (listed at 12.0) stays.
+    pool.merge([make_worker("d0")], now=12.1)
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d0", "p2"]
+    pool.merge([make_worker("d0")], now=14.1)
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d0"]
+
+
+def test_merge_drops_unlisted_workers_of_another_block_size_and_refuses_mixed_lists() -> None:
+    pool = WorkerPool("127.0.0.1:1", refresh_ms=100, unlisted_grace_ms=2000)
+    pool.merge([make_worker("d0"), make_worker("d1")], now=0.0)
+    with pytest.raises(ValueError, match="different block sizes"):
+        pool.merge([make_worker("d2", block_size=32), make_worker("d3")], now=0.1)
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d0", "d1"]
+    # The mesh turned over to another block size: the old workers cannot stay beside the new ones.
+    pool.merge([make_worker("d2", block_size=32)], now=0.2)
+    assert [w.worker_id for w in pool.workers_of_all_roles()] == ["d2"] and pool.block_size == 32

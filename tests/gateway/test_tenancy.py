@@ -18,7 +18,15 @@ import pytest
 
 from gateway.config import GatewayConfig
 from gateway.routing_cost import RoutingConfig
-from gateway.tenancy import ANONYMOUS, Authenticator, Identity, TenantKeys, presented_key, tenant_salt
+from gateway.tenancy import (
+    ANONYMOUS,
+    Authenticator,
+    Identity,
+    SaltSecret,
+    TenantKeys,
+    presented_key,
+    tenant_salt,
+)
 from kvmesh.cli.settings import ROLE_OPTIONS, add_options, role_settings
 from kvmesh.client import Client
 from kvmesh.engine.tokenizer import Tokenizer
@@ -33,6 +41,8 @@ KEYS = {
     "key-alice-second-one": "alice",
 }
 GROUPS = {"alice": "acme", "bob": "acme"}
+SECRET_TEXT = "3f1c0a9e8d7b6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa998877"
+SECRET = SaltSecret(SECRET_TEXT.encode())
 
 
 def write_keys(path: Path, document: Any) -> Path:
@@ -43,34 +53,80 @@ def write_keys(path: Path, document: Any) -> Path:
 # --- salts -----------------------------------------------------------------------------------------------
 
 
-def test_salt_is_a_stable_derivation_of_the_group_or_the_tenant() -> None:
+def test_salt_is_an_hmac_of_the_group_or_the_tenant_under_the_secret() -> None:
     # A fixed vector: the salt must not change between releases, or every cache goes cold.
-    fields = (b"kvmesh-tenant-salt-v1", b"acme")
-    spelled_out = hashlib.sha256(b"".join(struct.pack("<Q", len(f)) + f for f in fields)).hexdigest()
-    assert tenant_salt("alice", "acme") == spelled_out
-    assert spelled_out == "7745f9335fd3c01406ec5228cb1bda6ed559a9c284febff2d019cbc0dbb0670d"
-    assert tenant_salt("alice", "acme") == tenant_salt("bob", "acme")  # one group, one cache
-    assert tenant_salt("carol") != tenant_salt("alice")
+    fields = (b"kvmesh-tenant-salt-v2", b"acme")
+    message = b"".join(struct.pack("<Q", len(f)) + f for f in fields)
+    spelled_out = hmac.new(SECRET_TEXT.encode(), message, hashlib.sha256).hexdigest()
+    assert tenant_salt(SECRET, "alice", "acme") == spelled_out
+    assert spelled_out == "f4a6198769186ec574cd40a5c588eecfb9a0e7329f9154986d2cbb8585e1b269"
+    assert tenant_salt(SECRET, "alice", "acme") == tenant_salt(SECRET, "bob", "acme")  # one group, one cache
+    assert tenant_salt(SECRET, "carol") != tenant_salt(SECRET, "alice")
     # An ungrouped tenant is the group of its own name: a group named after it joins its cache.
-    assert tenant_salt("acme") == tenant_salt("alice", "acme")
-    assert len({tenant_salt("org_1"), tenant_salt("org_12345"), tenant_salt("org_1", "2345")}) == 3
+    assert tenant_salt(SECRET, "acme") == tenant_salt(SECRET, "alice", "acme")
+    assert (
+        len(
+            {
+                tenant_salt(SECRET, "org_1"),
+                tenant_salt(SECRET, "org_12345"),
+                tenant_salt(SECRET, "org_1", "2345"),
+            }
+        )
+        == 3
+    )
+
+
+def test_a_salt_cannot_be_computed_from_the_tenant_name_alone() -> None:
+    salt = tenant_salt(SECRET, "alice", "acme")
+    v1 = (b"kvmesh-tenant-salt-v1", b"acme")  # the old formula: a plain hash of the name
+    guesses = {
+        hashlib.sha256(b"".join(struct.pack("<Q", len(f)) + f for f in v1)).hexdigest(),
+        *(SaltSecret(key.ljust(32, b"\0")).salt("alice", "acme") for key in (b"", b"alice", b"acme")),
+        hashlib.sha256(b"acme").hexdigest(),
+    }
+    assert salt not in guesses
+
+
+def test_rotating_the_secret_changes_every_salt() -> None:
+    rotated = SaltSecret(b"a freshly generated secret of 32+ bytes, not the old one")
+    old_keys, new_keys = TenantKeys(KEYS, SECRET, GROUPS), TenantKeys(KEYS, rotated, GROUPS)
+    old_salts = {old_keys.identify(key).cache_salt for key in KEYS}  # type: ignore[union-attr]
+    new_salts = {new_keys.identify(key).cache_salt for key in KEYS}  # type: ignore[union-attr]
+    assert len(old_salts) == len(new_salts) == 2  # acme (alice, bob) and carol
+    assert not old_salts & new_salts
+
+
+def test_the_secret_is_never_shown_and_must_be_long(tmp_path: Path) -> None:
+    assert SECRET_TEXT not in repr(SECRET) and SECRET_TEXT not in str(SECRET)
+    assert SECRET_TEXT not in repr(TenantKeys(KEYS, SECRET, GROUPS))
+    path = tmp_path / "salt.key"
+    path.write_text(SECRET_TEXT + "\n")  # as `openssl rand -hex 32 > salt.key` writes it
+    assert SaltSecret.load(path).salt("t") == SECRET.salt("t")
+    path.write_text("short-secret\n")
+    with pytest.raises(ValueError, match="fewer than 32") as raised:
+        SaltSecret.load(path)
+    assert "short-secret" not in str(raised.value) and str(path) in str(raised.value)
 
 
 def test_keys_map_to_identities() -> None:
-    keys = TenantKeys(KEYS, GROUPS)
+    keys = TenantKeys(KEYS, SECRET, GROUPS)
     alice = keys.identify("key-alice-0123456789")
-    assert alice is not None and alice.tenant == "alice" and alice.cache_salt == tenant_salt("alice", "acme")
+    assert (
+        alice is not None
+        and alice.tenant == "alice"
+        and alice.cache_salt == tenant_salt(SECRET, "alice", "acme")
+    )
     assert keys.identify("key-alice-second-one") == alice
     bob = keys.identify("key-bob-0123456789")
     assert bob is not None and bob.cache_salt == alice.cache_salt
     carol = keys.identify("key-carol-0123456789")
-    assert carol is not None and carol.cache_salt == tenant_salt("carol")
+    assert carol is not None and carol.cache_salt == tenant_salt(SECRET, "carol")
     for unknown in ("", "key-alice-012345678", "key-alice-0123456789 ", "KEY-ALICE-0123456789"):
         assert keys.identify(unknown) is None
 
 
 def test_every_key_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    keys = TenantKeys(KEYS, GROUPS)
+    keys = TenantKeys(KEYS, SECRET, GROUPS)
     calls: list[tuple[int, int]] = []
     real = hmac.compare_digest
 
@@ -110,7 +166,7 @@ def test_authenticator() -> None:
     assert not off.enabled
     assert off.authenticate([("authorization", "Bearer anything")]) == ANONYMOUS
     assert off.authenticate([]) == ANONYMOUS
-    on = Authenticator(TenantKeys(KEYS, GROUPS))
+    on = Authenticator(TenantKeys(KEYS, SECRET, GROUPS))
     assert on.authenticate([("x-api-key", "key-carol-0123456789")]).tenant == "carol"
     for metadata in ([], [("x-kvmesh-cache-salt", "acme")], [("x-api-key", "key-mallory-secret")]):
         with pytest.raises(ServiceError) as raised:
@@ -123,10 +179,10 @@ def test_authenticator() -> None:
 
 
 def test_load_a_keys_file(tmp_path: Path) -> None:
-    keys = TenantKeys.load(write_keys(tmp_path / "keys.json", {"keys": KEYS, "groups": GROUPS}))
+    keys = TenantKeys.load(write_keys(tmp_path / "keys.json", {"keys": KEYS, "groups": GROUPS}), SECRET)
     assert keys.num_keys == 4
-    assert keys.identify("key-bob-0123456789") == Identity("bob", tenant_salt("bob", "acme"))
-    ungrouped = TenantKeys.load(write_keys(tmp_path / "plain.json", {"keys": {"k": "t"}}))
+    assert keys.identify("key-bob-0123456789") == Identity("bob", tenant_salt(SECRET, "bob", "acme"))
+    ungrouped = TenantKeys.load(write_keys(tmp_path / "plain.json", {"keys": {"k": "t"}}), SECRET)
     assert ungrouped.identify("k") is not None
 
 
@@ -151,7 +207,7 @@ def test_bad_keys_files_are_refused_without_quoting_a_key(
 ) -> None:
     path = write_keys(tmp_path / "keys.json", document)
     with pytest.raises(ValueError) as raised:
-        TenantKeys.load(path)
+        TenantKeys.load(path, SECRET)
     message = str(raised.value)
     assert fragment in message and str(path) in message
     assert "secret-key" not in message
@@ -160,16 +216,28 @@ def test_bad_keys_files_are_refused_without_quoting_a_key(
 def test_gateway_settings_read_the_keys_file_and_routing_flags(tmp_path: Path) -> None:
     import argparse
 
+    from kvmesh.cli.settings import SettingsError
+
     parser = argparse.ArgumentParser()
     add_options(parser, ROLE_OPTIONS["gateway"])
     args = parser.parse_args(["--cache-store", "h:1", "--model", "/m", "--disagg-min-tokens", "64"])
-    environ = {"KVMESH_API_KEYS_FILE": "/etc/kvmesh/keys.json", "KVMESH_MAX_LOAD_IMBALANCE": "2"}
+    environ = {
+        "KVMESH_API_KEYS_FILE": "/etc/kvmesh/keys.json",
+        "KVMESH_SALT_SECRET_FILE": "/etc/kvmesh/salt/salt.key",
+        "KVMESH_MAX_LOAD_IMBALANCE": "2",
+    }
     config = role_settings("gateway", args, environ).config
     assert isinstance(config, GatewayConfig)
     assert config.api_keys_file == "/etc/kvmesh/keys.json"
+    assert config.salt_secret_file == "/etc/kvmesh/salt/salt.key"
     assert config.routing == RoutingConfig(disagg_min_tokens=64, max_load_imbalance=2)
     off = role_settings("gateway", parser.parse_args(["--cache-store", "h:1", "--model", "/m"]), {}).config
     assert off.api_keys_file is None  # type: ignore[union-attr]
+    # Multi-tenancy without a secret is refused: the salts would be derivable from the tenants' names.
+    without_secret = {"KVMESH_API_KEYS_FILE": "/etc/kvmesh/keys.json"}
+    with pytest.raises(SettingsError, match="salt_secret_file is not") as raised:
+        role_settings("gateway", args, without_secret)
+    assert "--salt-secret-file" in str(raised.value) and "KVMESH_SALT_SECRET_FILE" in str(raised.value)
 
 
 def test_worker_settings_switch_prefix_caching_and_require_a_salt(tmp_path: Path) -> None:
@@ -212,6 +280,14 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_keys(tmp_path_factory.mktemp("keys") / "keys.json", {"keys": KEYS, "groups": GROUPS})
 
 
+@pytest.fixture(scope="module")
+def tenancy_files(keys_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """GatewayConfig fields: the keys file and the salt secret file (SECRET)."""
+    secret_file = tmp_path_factory.mktemp("salt") / "salt.key"
+    secret_file.write_text(SECRET_TEXT + "\n")
+    return {"api_keys_file": str(keys_file), "salt_secret_file": str(secret_file)}
+
+
 def complete_with(address: str, metadata: tuple[tuple[str, str], ...]) -> None:
     with grpc.insecure_channel(address) as channel:
         request = gateway_pb2.CompleteRequest(prefix="x = ", sampling=common_pb2.SamplingParams(max_tokens=2))
@@ -219,16 +295,18 @@ def complete_with(address: str, metadata: tuple[tuple[str, str], ...]) -> None:
             pass
 
 
-def test_gateway_salts_requests_by_tenant_and_refuses_bad_keys(checkpoint: Path, keys_file: Path) -> None:
+def test_gateway_salts_requests_by_tenant_and_refuses_bad_keys(
+    checkpoint: Path, tenancy_files: dict[str, str]
+) -> None:
     tokenizer = Tokenizer.from_file(checkpoint / "tokenizer.json")
 
     async def scenario() -> FakeDecode:
         decoder = FakeDecode(tokenizer)
-        async with gateway_stack(checkpoint, {"d0": decoder}, api_keys_file=str(keys_file)) as stack:
+        async with gateway_stack(checkpoint, {"d0": decoder}, **tenancy_files) as stack:
             address = stack.gateway_address
             for metadata, fragment in (
                 ((), "no API key"),
-                ((("x-kvmesh-cache-salt", tenant_salt("alice", "acme")),), "no API key"),
+                ((("x-kvmesh-cache-salt", tenant_salt(SECRET, "alice", "acme")),), "no API key"),
                 ((("authorization", "Bearer key-mallory-guess"),), "not valid"),
                 ((("authorization", "Basic key-mallory-guess"),), "Bearer <api key>"),
             ):
@@ -248,14 +326,18 @@ def test_gateway_salts_requests_by_tenant_and_refuses_bad_keys(checkpoint: Path,
             # A salt sent by the client is ignored, even with a valid key.
             forged = (
                 ("x-api-key", "key-carol-0123456789"),
-                ("x-kvmesh-cache-salt", tenant_salt("x", "acme")),
+                ("x-kvmesh-cache-salt", tenant_salt(SECRET, "x", "acme")),
             )
             await asyncio.to_thread(complete_with, address, forged)
         return decoder
 
     decoder = asyncio.run(scenario())
     salts = [request.cache_salt for request in decoder.requests]
-    assert salts == [tenant_salt("alice", "acme"), tenant_salt("bob", "acme"), tenant_salt("carol")]
+    assert salts == [
+        tenant_salt(SECRET, "alice", "acme"),
+        tenant_salt(SECRET, "bob", "acme"),
+        tenant_salt(SECRET, "carol"),
+    ]
 
 
 def test_gateway_without_keys_sends_no_salt_and_ignores_keys(checkpoint: Path) -> None:
@@ -278,7 +360,27 @@ def test_gateway_refuses_to_start_with_a_bad_keys_file(checkpoint: Path, tmp_pat
 
     async def scenario() -> None:
         with pytest.raises(ValueError, match='"keys" is empty'):
-            async with gateway_stack(checkpoint, {}, api_keys_file=str(bad)):
+            async with gateway_stack(checkpoint, {}, api_keys_file=str(bad), salt_secret_file=str(secret)):
                 pass
 
+    secret = tmp_path / "salt.key"
+    secret.write_text(SECRET_TEXT)
     asyncio.run(scenario())
+
+
+def test_gateway_refuses_to_start_with_a_missing_or_short_salt_secret(
+    checkpoint: Path, keys_file: Path, tmp_path: Path
+) -> None:
+    short = tmp_path / "short.key"
+    short.write_text("guessable")
+
+    async def scenario(secret_file: Path, error: type[Exception], fragment: str) -> None:
+        with pytest.raises(error, match=fragment) as raised:
+            async with gateway_stack(
+                checkpoint, {}, api_keys_file=str(keys_file), salt_secret_file=str(secret_file)
+            ):
+                pass
+        assert "guessable" not in str(raised.value)
+
+    asyncio.run(scenario(short, ValueError, "9 bytes, fewer than 32"))
+    asyncio.run(scenario(tmp_path / "missing.key", OSError, "missing.key"))

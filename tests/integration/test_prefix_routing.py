@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import struct
 import threading
 import time
 from pathlib import Path
@@ -11,11 +14,12 @@ import grpc
 import pytest
 
 from gateway.layout import PromptLayout
+from gateway.tenancy import SaltSecret
 from kvmesh.client import Client
 from kvmesh.engine.block_hash import hash_blocks, model_fingerprint, namespace_hash
 from kvmesh.engine.tokenizer import Tokenizer
 from kvmesh.mesh.telemetry import setup_telemetry
-from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
+from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc
 from tests.mesh_harness import MeshInThread, MeshSpec
 
 DOCS = [
@@ -42,14 +46,27 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+SALT_SECRET = b"0123456789abcdef0123456789abcdef-prefix-routing-tests"
+
+
+@pytest.fixture(scope="module")
+def salt_secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("salt") / "salt.key"
+    path.write_bytes(SALT_SECRET)
+    return path
+
+
 def usage_of(address: str, prefix: str, api_key: str | None = None):
     with Client(address, api_key=api_key) as client:
         *_, last = client.complete(prefix=prefix, suffix=SUFFIX, max_tokens=4)
     return last.usage
 
 
-def test_same_tenant_hits_other_tenant_misses_and_a_sharing_group_shares(model_path, keys_file):
-    spec = MeshSpec(str(model_path), gateway={"api_keys_file": str(keys_file)})
+def test_same_tenant_hits_other_tenant_misses_and_a_sharing_group_shares(
+    model_path, keys_file, salt_secret_file
+):
+    files = {"api_keys_file": str(keys_file), "salt_secret_file": str(salt_secret_file)}
+    spec = MeshSpec(str(model_path), gateway=files)
     with MeshInThread(spec) as mesh:
         address = mesh.gateway_address
         assert usage_of(address, DOCS[0], "key-a").cached_tokens == 0
@@ -60,6 +77,43 @@ def test_same_tenant_hits_other_tenant_misses_and_a_sharing_group_shares(model_p
             usage_of(address, DOCS[0], "key-wrong")
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
+        # Cache probing with a salt computed without the secret finds nothing, in the cache store's index
+        # or in a decode worker's prefix cache; the real salt (the secret's) finds org_a's blocks.
+        usage_of(address, DOCS[1], "key-a")
+        real = SaltSecret(SALT_SECRET).salt("org_a")
+        v1 = b"".join(struct.pack("<Q", len(f)) + f for f in (b"kvmesh-tenant-salt-v1", b"org_a"))
+        guesses = [
+            hashlib.sha256(v1).hexdigest(),  # the old formula: the tenant's name alone
+            hmac.new(b"", b"org_a", hashlib.sha256).hexdigest(),
+            SaltSecret(b"\0" * 32).salt("org_a"),
+            SaltSecret(b"org_a".ljust(32, b"_")).salt("org_a"),
+            "org_a",
+            "",
+        ]
+        deadline = time.monotonic() + 10
+        while not holders(mesh, model_path, DOCS[1], real) and time.monotonic() < deadline:
+            time.sleep(0.05)  # KV events reach the cache store in batches
+        assert holders(mesh, model_path, DOCS[1], real), "the premise: org_a's blocks are indexed"
+        assert cached_tokens_at_decode(mesh, model_path, DOCS[1], real) > 0
+        for guess in guesses:
+            assert holders(mesh, model_path, DOCS[1], guess) == {}, guess
+            assert cached_tokens_at_decode(mesh, model_path, DOCS[1], guess) == 0, guess
+
+
+def cached_tokens_at_decode(mesh: MeshInThread, model_path: Path, prefix: str, salt: str) -> int:
+    """Prompt tokens a decode worker finds in its prefix cache for this prompt under this salt."""
+    tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
+    prompt = PromptLayout(tokenizer).completion(prefix, SUFFIX)
+    request = decode_pb2.GenerateRequest(
+        request_id=f"probe-{salt[:8]}",
+        prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=1),
+        cache_salt=salt,
+    )
+    with grpc.insecure_channel(mesh.servers["decode-0"].address) as channel:
+        *_, last = decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=30)
+    return last.usage.cached_tokens
+
 
 def test_with_prefix_caching_off_nothing_hits(model_path):
     with MeshInThread(MeshSpec(str(model_path), enable_prefix_caching=False)) as mesh:
@@ -67,11 +121,11 @@ def test_with_prefix_caching_off_nothing_hits(model_path):
         assert usage_of(mesh.gateway_address, DOCS[0] + "x").cached_tokens == 0
 
 
-def holders(mesh: MeshInThread, model_path: Path, prefix: str) -> dict[str, int]:
+def holders(mesh: MeshInThread, model_path: Path, prefix: str, salt: str = "") -> dict[str, int]:
     """Which worker holds how many leading blocks of this completion's prompt, per the cache store."""
     tokenizer = Tokenizer.from_file(model_path / "tokenizer.json")
     prompt = PromptLayout(tokenizer).completion(prefix, SUFFIX)
-    hashes = hash_blocks(namespace_hash(model_fingerprint(model_path), ""), prompt, 16)
+    hashes = hash_blocks(namespace_hash(model_fingerprint(model_path), salt), prompt, 16)
     with grpc.insecure_channel(mesh.servers["cache-store"].address) as channel:
         reply = cache_store_pb2_grpc.CacheStoreStub(channel).Lookup(
             cache_store_pb2.LookupRequest(block_hashes=hashes), timeout=5

@@ -105,6 +105,18 @@ def test_sampling_fills_defaults_and_round_trips() -> None:
         ({"top_k": -2}, ["sampling.top_k must be >= 0, got -2"]),
         ({"max_tokens": 1025}, ["sampling.max_tokens must be between 0 and 1024", "got 1025"]),
         ({"max_tokens": -1}, ["sampling.max_tokens must be between 0 and 1024", "got -1"]),
+        ({"top_p": 0.0}, ["sampling.top_p must be in (0, 1], got 0"]),
+        (
+            {"stop_strings": [f"s{i}" for i in range(40)]},
+            ["sampling.stop_strings has 40 strings, more than the limit of 16 (max_stop_strings)"],
+        ),
+        (
+            {"stop_strings": ["ok", "x" * 257]},
+            [
+                "sampling.stop_strings[1] is 257 characters, more than the limit of 256 (max_stop_string_chars)"
+            ],
+        ),
+        ({"stop_strings": ["ok", ""]}, ["sampling.stop_strings[1] is empty"]),
     ],
 )
 def test_sampling_errors_name_the_field(fields: dict[str, float], fragments: list[str]) -> None:
@@ -112,6 +124,28 @@ def test_sampling_errors_name_the_field(fields: dict[str, float], fragments: lis
     message = invalid_message(lambda: sampling_from_proto(sampling, 64, 1024))
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_top_p_unset_is_one_and_stop_limits_are_the_servers() -> None:
+    assert sampling_from_proto(common_pb2.SamplingParams(), 64, 1024).top_p == 1.0
+    assert sampling_from_proto(common_pb2.SamplingParams(top_p=0.5), 64, 1024).top_p == 0.5
+    stops = common_pb2.SamplingParams(stop_strings=["abc", "de"])
+    assert sampling_from_proto(stops, 64, 1024, max_stop_strings=2, max_stop_string_chars=3).stop_strings == (
+        "abc",
+        "de",
+    )
+    message = invalid_message(lambda: sampling_from_proto(stops, 64, 1024, max_stop_strings=1))
+    assert "has 2 strings, more than the limit of 1 (max_stop_strings)" in message
+    message = invalid_message(lambda: sampling_from_proto(stops, 64, 1024, max_stop_string_chars=2))
+    assert "stop_strings[0] is 3 characters, more than the limit of 2" in message
+    # The flags' defaults are convert's.
+    from kvmesh.cli.settings import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+    from kvmesh.mesh.convert import DEFAULT_MAX_STOP_STRING_CHARS, DEFAULT_MAX_STOP_STRINGS
+
+    assert (MAX_STOP_STRINGS.default, MAX_STOP_STRING_CHARS.default) == (
+        DEFAULT_MAX_STOP_STRINGS,
+        DEFAULT_MAX_STOP_STRING_CHARS,
+    )
 
 
 def test_the_default_max_tokens_counts_against_the_limit() -> None:

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ from kvmesh.transport import (
     register_sender,
 )
 from kvmesh.transport.base import block_runs, run_copy
+from kvmesh.transport.grant import GrantError, check_grant, sign_grant
 from kvmesh.transport.shm import SHM_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -88,14 +90,17 @@ def no_leaked_segments() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def destination_pool(transport: str, layout: KVLayout) -> Iterator[tuple[KVPool, str]]:
-    """A decode-side pool that `transport` can reach, and its name (as in `KVDestination.shm_name`)."""
+def destination_pool(
+    transport: str, layout: KVLayout
+) -> Iterator[tuple[KVPool, Callable[[Sequence[int]], KVDestination]]]:
+    """A decode-side pool that `transport` can reach, and how its owner describes reserved blocks to a
+    writer (shm: signed with the pool's grant key, as the decode worker does)."""
     if transport == "shm":
         pool, segment = SharedKVPool.create(layout)
         with segment:
-            yield pool, segment.name
+            yield pool, lambda ids: segment.destination("request-1", ids, host_id="")
     else:
-        yield KVPool(layout), ""
+        yield KVPool(layout), lambda ids: KVDestination(transport, tuple(ids), layout)
 
 
 def transfer(
@@ -125,10 +130,10 @@ def test_round_trip_is_bit_exact(transport: str, dtype: torch.dtype, no_leaked_s
     src_ids = [7, 2, 3, 4, 11, 0]  # a run (2, 3, 4) between scattered ids
     dst_ids = [5, 9, 10, 11, 1, 14]
     dst_layout = make_layout(dtype, num_blocks=16)  # the pools differ in size, not in block layout
-    with destination_pool(transport, dst_layout) as (dst, name):
+    with destination_pool(transport, dst_layout) as (dst, destination):
         fill_random(dst, seed=2)
         before = bits(dst.kv).clone()
-        dest = KVDestination(transport, tuple(dst_ids), dst_layout, shm_name=name)
+        dest = destination(dst_ids)
         stats = transfer(transport, src, src_ids, dst, dest)
         assert torch.equal(bits(dst.kv), reference_copy(src, src_ids, before, dst_ids))
     assert stats == TransferStats(6 * dst_layout.bytes_per_block, stats.seconds, transport)
@@ -219,11 +224,12 @@ from test_transport import make_layout, make_pool
 
 sender = ShmSender()
 for job in sys.argv[2:]:
-    name, dtype, src_ids, dst_ids = job.split(":")
+    name, dtype, src_ids, dst_ids, grant, expires = job.split(":")
     dtype = getattr(torch, dtype)
     src_ids = [int(i) for i in src_ids.split(",")]
     dst_ids = tuple(int(i) for i in dst_ids.split(","))
-    dest = KVDestination("shm", dst_ids, make_layout(dtype, num_blocks=16), shm_name=name)
+    layout = make_layout(dtype, num_blocks=16)
+    dest = KVDestination("shm", dst_ids, layout, name, "", "request-1", bytes.fromhex(grant), int(expires))
     asyncio.run(sender.send(make_pool(make_layout(dtype), seed=7), src_ids, dest))
 sender.close()
 print("sent", len(sys.argv) - 2)
@@ -237,8 +243,10 @@ def test_shm_transfer_from_another_process(no_leaked_segments: None) -> None:
         layout = make_layout(dtype, num_blocks=16)
         pool, segment = SharedKVPool.create(layout)
         pools.append((pool, segment, bits(pool.kv).clone()))
+        dest = segment.destination("request-1", dst_ids, host_id="")
+        ids = f"{','.join(map(str, src_ids))}:{','.join(map(str, dst_ids))}"
         jobs.append(
-            f"{segment.name}:{str(dtype).removeprefix('torch.')}:{','.join(map(str, src_ids))}:{','.join(map(str, dst_ids))}"
+            f"{segment.name}:{str(dtype).removeprefix('torch.')}:{ids}:{dest.grant.hex()}:{dest.grant_expires_unix_ms}"
         )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -280,14 +288,17 @@ def test_shm_sender_follows_a_recreated_segment(no_leaked_segments: None) -> Non
     layout = make_layout()
     src = make_pool(layout, seed=8)
     sender = ShmSender()
-    dest = KVDestination("shm", (0, 1), layout, shm_name="kvmesh-test-recreated")
-    first, segment = SharedKVPool.create(layout, name=dest.shm_name)
+    first, segment = SharedKVPool.create(layout, name="kvmesh-test-recreated")
+    dest = segment.destination("request-1", (0, 1), host_id="")
     asyncio.run(sender.send(src, [4, 5], dest))
     segment.close()
     with pytest.raises(TransferError, match="not found"):
         asyncio.run(sender.send(src, [4, 5], dest))
-    second, segment = SharedKVPool.create(layout, name=dest.shm_name)
-    asyncio.run(sender.send(src, [6, 7], dest))
+    second, segment = SharedKVPool.create(layout, name="kvmesh-test-recreated")
+    # The new segment has a new key: the old owner's grant does not open it.
+    with pytest.raises(GrantError):
+        asyncio.run(sender.send(src, [6, 7], dest))
+    asyncio.run(sender.send(src, [6, 7], segment.destination("request-2", (0, 1), host_id="")))
     assert torch.equal(bits(second.kv[:, :, :2]), bits(src.kv[:, :, 6:8]))
     assert torch.equal(bits(first.kv[:, :, :2]), bits(src.kv[:, :, 4:6]))
     sender.close()
@@ -312,9 +323,51 @@ def test_shm_attach_rejects_another_layout(no_leaked_segments: None) -> None:
             attach(segment.name, make_layout(torch.float16))
         with pytest.raises(ValueError, match="does not match the pool"):
             attach(segment.name, make_layout(num_blocks=13))
-        dest = KVDestination("shm", (0,), make_layout(torch.float16), shm_name=segment.name)
+        dest = KVDestination("shm", (0,), make_layout(torch.float16), segment.name)
         with pytest.raises(ValueError, match="dtype"):  # caught before attaching: source vs destination
             asyncio.run(ShmSender().send(make_pool(layout, 0), [0], dest))
+
+
+# -- writes only where the pool's owner reserved -----------------------------------------------------
+
+
+def test_shm_writes_need_the_owners_grant_for_exactly_those_blocks(no_leaked_segments: None) -> None:
+    layout = make_layout()
+    src = make_pool(layout, seed=11)
+    sender = ShmSender()
+    with SharedKVPool.create(layout)[1] as segment:
+        pool = attach(segment.name, layout)
+        fill = bits(pool).clone()
+        granted = segment.destination("request-1", (2, 3), host_id="")
+        forged = [
+            replace(granted, grant=b""),  # no grant
+            replace(granted, grant=bytes(32)),  # a made-up one
+            replace(granted, block_ids=(2, 4)),  # other blocks than reserved
+            replace(granted, request_id="request-2"),  # another request
+            replace(granted, grant_expires_unix_ms=granted.grant_expires_unix_ms + 60_000),  # stretched
+            segment.destination("request-1", (2, 3), host_id="", timeout_s=-1.0),  # expired
+        ]
+        for dest in forged:
+            with pytest.raises(GrantError):
+                asyncio.run(sender.send(src, [0, 1], dest))
+        assert torch.equal(bits(pool), fill)  # nothing was written
+        asyncio.run(sender.send(src, [0, 1], granted))
+        assert torch.equal(bits(pool[:, :, 2:4]), bits(src.kv[:, :, 0:2]))
+        del pool
+    sender.close()
+
+
+def test_a_grant_signs_every_field() -> None:
+    key = bytes(range(32))
+    grant = sign_grant(key, "r", "pool", [1, 2], 1000)
+    check_grant(key, grant, "r", "pool", [1, 2], 1000, now_unix_ms=999)
+    for args in (("r", "pool", [1, 2, 3], 1000), ("r", "pool", [12], 1000), ("r", "poo", [1, 2], 1000)):
+        with pytest.raises(GrantError):
+            check_grant(key, grant, *args, now_unix_ms=999)  # type: ignore[arg-type]
+    with pytest.raises(GrantError, match="expired"):
+        check_grant(key, grant, "r", "pool", [1, 2], 1000, now_unix_ms=1001)
+    with pytest.raises(GrantError):
+        check_grant(bytes(32), grant, "r", "pool", [1, 2], 1000, now_unix_ms=999)
 
 
 # -- corrupt, missing and misdirected bytes --------------------------------------------------------
