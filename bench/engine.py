@@ -1,11 +1,12 @@
 """Engine speed against `transformers` on the same weights, in the same run; and KV bytes per token.
 
-    python bench/engine.py [--quick] [--threads N]
+    python bench/engine.py [--quick] [--threads N] [--model llama|moe]
 
 Writes a random Llama checkpoint sized like a small real model (8 layers, hidden 512, 8 query heads over 2
 KV heads, vocab 4096) into a temporary folder, loads it in our engine and in `transformers`
 (`LlamaForCausalLM`, float32, its default attention), and prints a markdown table of ratios for
-bench/RESULTS.md:
+bench/RESULTS.md. With `--model moe` the checkpoint is instead a random Qwen3-MoE (the architecture of
+Qwen3-Coder-30B-A3B) that `transformers` itself writes, at the same width, with MOE_SHAPE's experts:
 
 - prefill: one 1024-token prompt, last-token logits (ours: the chunked, paged prefill; theirs: one forward).
 - decode: `generate_batch(ignore_eos=True)` vs `generate(do_sample=False)` with eos disabled, at batch 1, 8
@@ -48,12 +49,35 @@ DECODE_BATCH_SIZES = (1, 8, 32)
 DECODE_PROMPT_LENS = (64, 192)
 """Decode prompts have lengths spread over this range (so transformers has to pad)."""
 
+MOE_SHAPE = {
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 256,
+    "norm_topk_prob": True,
+}
+"""--model moe: experts of the random Qwen3-MoE (16 experts, top-4, as Qwen3-Coder-30B-A3B's 128 / top-8 thinned)."""
+
 # 7B-class shapes whose KV footprint the GQA / MQA choice changes; fp16, as served.
 KV_SHAPES = {
     "MHA (32 layers, 32 KV heads, head dim 128)": (32, 32, 128),
     "GQA (32 layers, 8 KV heads, head dim 128)": (32, 8, 128),
     "MQA (32 layers, 1 KV head, head dim 128)": (32, 1, 128),
 }
+# Real models' KV descriptions, from their published config.json; bf16, as served.
+KV_MODELS = {
+    "Qwen2.5-Coder-7B (dense, GQA: 28 layers, 4 KV heads x 128)": KVLayout(28, 1, 16, 4, 128, torch.bfloat16),
+    "Qwen3-Coder-30B-A3B (MoE, GQA: 48 layers, 4 KV heads x 128)": KVLayout(
+        48, 1, 16, 4, 128, torch.bfloat16
+    ),
+    "DeepSeek-Coder-V2-Lite (MoE, MLA: 27 layers, latent 512 + rope 64)": KVLayout(
+        27, 1, 16, 1, 512 + 64, torch.bfloat16, latent=True
+    ),
+    "DeepSeek-V3 (MoE, MLA: 61 layers, latent 512 + rope 64)": KVLayout(
+        61, 1, 16, 1, 512 + 64, torch.bfloat16, latent=True
+    ),
+}
+SHIPPED_PROMPT_TOKENS = 4096
+"""The prompt whose KV a prefill worker ships to a decode worker, in the table above."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +141,7 @@ class Theirs:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        self.model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.model.generation_config.eos_token_id = None  # like ignore_eos=True: always run the full length
         self.model.generation_config.pad_token_id = 0
 
@@ -163,7 +187,37 @@ def kv_table() -> list[str]:
         rows.append(
             f"| {name} | {per_token:,} ({per_token / 1024:g} KiB) | {per_token * 8192 / 2**30:g} GiB |"
         )
+    rows += [
+        "",
+        f"| model | KV bytes per token (bf16) | a {SHIPPED_PROMPT_TOKENS // 1024}k-token prompt, prefill -> decode |",
+        "|---|---:|---:|",
+    ]
+    for name, layout in KV_MODELS.items():
+        shipped = -(-SHIPPED_PROMPT_TOKENS // layout.block_size) * layout.bytes_per_block
+        rows.append(f"| {name} | {layout.bytes_per_token:,} | {shipped / 2**20:.0f} MiB |")
     return rows
+
+
+def write_random_moe_checkpoint(path: Path, tokenizer: object, seed: int = 0) -> Path:
+    """A random Qwen3-MoE saved by transformers itself (per-expert tensors, as real checkpoints hold them)."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        **MODEL_SHAPE,
+        **MOE_SHAPE,
+        head_dim=MODEL_SHAPE["hidden_size"] // MODEL_SHAPE["num_attention_heads"],
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else param.shape[-1] ** -0.5)
+    model.save_pretrained(path)
+    tokenizer.save(str(path / "tokenizer.json"))  # type: ignore[attr-defined]
+    return path
 
 
 def main() -> None:
@@ -171,6 +225,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repeat and 16 new tokens: a smoke run")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--model", choices=("llama", "moe"), default="llama", help="the random checkpoint to compare on"
     )
     args = parser.parse_args()
     settings = (
@@ -182,7 +239,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp:
         tokenizer = train_code_tokenizer(stdlib_corpus_files(50), vocab_size=MODEL_SHAPE["vocab_size"])
-        path = write_random_checkpoint(Path(tmp) / "model", **MODEL_SHAPE, tokenizer=tokenizer, seed=0)
+        if args.model == "moe":
+            path = write_random_moe_checkpoint(Path(tmp) / "model", tokenizer)
+        else:
+            path = write_random_checkpoint(Path(tmp) / "model", **MODEL_SHAPE, tokenizer=tokenizer, seed=0)
         ours, theirs = Ours(path), Theirs(path)
         num_params = sum(p.numel() for p in ours.engine.model.parameters())
         rows: list[tuple[str, float, float]] = []
@@ -212,12 +272,20 @@ def main() -> None:
 
     shape = MODEL_SHAPE
     lines = [
-        "## Engine vs transformers (CPU, float32)",
+        f"## Engine vs transformers (CPU, float32, {args.model})",
         "",
         f"- Machine: {cpu_model_name()}, {os.cpu_count()} cores; torch {torch.__version__} "
         f"({args.threads} threads), transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- Command: `python bench/engine.py{' --quick' if args.quick else ''} --threads {args.threads}`",
-        f"- Model: random Llama, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
+        f"- Command: `python bench/engine.py{' --quick' if args.quick else ''} --threads {args.threads}"
+        f" --model {args.model}`",
+        f"- Model: random {'Qwen3-MoE' if args.model == 'moe' else 'Llama'}"
+        + (
+            f" ({MOE_SHAPE['num_experts']} experts, top-{MOE_SHAPE['num_experts_per_tok']}, "
+            f"expert width {MOE_SHAPE['moe_intermediate_size']})"
+            if args.model == "moe"
+            else ""
+        )
+        + f", {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
         f"{shape['num_attention_heads']} query / {shape['num_key_value_heads']} KV heads, "
         f"vocab {shape['vocab_size']}, {num_params / 1e6:.1f}M parameters; "
         f"our KV: {kv_bytes_per_token:,} bytes per token (fp32)",

@@ -26,7 +26,8 @@ from kvmesh.mesh.convert import (
     worker_from_proto,
     worker_to_proto,
 )
-from kvmesh.mesh.server import RunningServer, ServerConfig, ServiceError, invalid, start_server
+from kvmesh.mesh.errors import ServiceError, invalid
+from kvmesh.mesh.server import RunningServer, ServerConfig, start_server
 from kvmesh.mesh.tls import TLSConfig
 from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 

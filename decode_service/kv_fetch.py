@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import grpc
 
@@ -11,10 +12,11 @@ from kvmesh.engine.engine import Engine
 from kvmesh.engine.kv_cache import num_blocks_for_tokens
 from kvmesh.engine.sequence import Sequence
 from kvmesh.mesh.convert import layout_to_proto
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.transport.base import TransferError
+from kvmesh.transport.collective import CollectiveReceiver, PeerLost, PendingTransfer
 from kvmesh.transport.grpc_stream import KVChunk, KVChunkReceiver
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
@@ -33,11 +35,17 @@ class PrefillClient:
         host_id: str,
         *,
         tls: TLSConfig | None = None,
+        collective: CollectiveReceiver | None = None,
+        layerwise: bool = True,
     ) -> None:
         """shared_pool: the engine's pool in shared memory, when this worker offers "shm". tls: this
-        worker's mesh identity for its channels to prefill workers; None: plaintext."""
+        worker's mesh identity for its channels to prefill workers; None: plaintext. collective: the
+        receiver of "nccl" transfers (its rendezvous store), when this worker offers it. layerwise: ask
+        prefill workers to ship each layer as soon as the prompt's last chunk computed it."""
         self._engine = engine
         self._shared_pool = shared_pool
+        self._collective = collective
+        self.layerwise = layerwise
         self._host_id = host_id
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tls = tls
@@ -73,7 +81,22 @@ class PrefillClient:
             layout=layout_to_proto(self._engine.pool.layout),
             host_id=self._host_id,
             first_block=first_block,
+            layerwise=self.layerwise,
         )
+        pending: PendingTransfer | None = None
+        if request.transport == "nccl":
+            if self._collective is None:
+                raise ServiceError(grpc.StatusCode.INTERNAL, "transport 'nccl' without a collective receiver")
+            transfer_id = transfer_id or uuid.uuid4().hex
+            peer = request.prefill_address
+            try:
+                pending = self._collective.expect(peer, transfer_id, block_ids)
+            except PeerLost as error:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {error}") from error
+            rendezvous = self._collective.rendezvous(peer)
+            destination.store_address = rendezvous.store_address
+            destination.group_key = rendezvous.group_key
+            destination.backend = rendezvous.backend
         if request.transport == "shm":
             if self._shared_pool is None:
                 raise ServiceError(grpc.StatusCode.INTERNAL, "transport 'shm' without a shared-memory pool")
@@ -117,12 +140,21 @@ class PrefillClient:
                         # The prefill worker times only its side; the stream's time is measured here.
                         done.transfer_ms = (time.perf_counter() - started) * 1000.0 - done.prefill_ms
                     span.set_attribute("kvmesh.num_bytes", done.num_bytes)
+                if done is not None and pending is not None:
+                    # The done message says the sender finished; the bytes are in once the receiver has them.
+                    stats = await asyncio.wait_for(pending.wait(), timeout_s)
+                    done.transfer_ms = max(done.transfer_ms, stats.seconds * 1000.0)
                 if done is not None:
                     return done
+            except PeerLost as error:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {error}") from error
             except TransferError as error:
                 raise ServiceError(grpc.StatusCode.DATA_LOSS, f"KV transfer failed: {error}") from error
             finally:
                 call.cancel()  # no-op once the call finished; otherwise cancellation reaches the prefill worker
+                if pending is not None:
+                    # NOTE: from here on the receiver writes nothing into block_ids: they may be freed.
+                    self._collective.forget(request.prefill_address, pending)  # type: ignore[union-attr]
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE, "prefill worker ended the stream without a done message"
         )

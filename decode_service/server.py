@@ -29,12 +29,14 @@ from kvmesh.engine.sequence import Sequence
 from kvmesh.engine.speculative import DraftCursor
 from kvmesh.engine.tokenizer import Detokenizer
 from kvmesh.mesh.convert import FINISH_REASON_TO_PROTO, sampling_from_proto
+from kvmesh.mesh.errors import ServiceError, deadline_s, invalid, never_fits
 from kvmesh.mesh.registration import join_mesh, worker_info
-from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, invalid, never_fits, start_server
+from kvmesh.mesh.server import RunningServer, start_server
 from kvmesh.mesh.telemetry import start_metrics_server, tracer
 from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
 from kvmesh.mesh.workers import WorkerLoad, WorkerRole
+from kvmesh.transport.collective import CollectiveReceiver
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -229,8 +231,16 @@ async def serve(config: DecodeConfig) -> RunningServer:
     engine = load_engine(config.model, shared_storage if "shm" in config.registration.transports else None)
     engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
     loop = EngineLoop(engine)
+    offered = config.registration.transports
+    collective = (
+        CollectiveReceiver(engine.pool, config.registration.advertise_host) if "nccl" in offered else None
+    )
     prefill = PrefillClient(
-        engine, shared[0] if shared else None, config.registration.host_id, tls=config.server.tls
+        engine,
+        shared[0] if shared else None,
+        config.registration.host_id,
+        tls=config.server.tls,
+        collective=collective,
     )
     servicer = DecodeServicer(engine, loop, prefill, config)
     running = await start_server(

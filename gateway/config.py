@@ -33,6 +33,12 @@ class GatewayConfig:
     max_snippet_chars: int = 16384
     """Longest update snippet an Edit may send, in characters: a snippet is the changed region of a file,
     not a second copy of it."""
+    max_sessions_per_tenant: int = 64
+    """Editor sessions (Gateway.Session streams) one tenant may hold open at once."""
+    session_idle_timeout_s: float = 600.0
+    """An editor session that sends nothing for this many seconds is closed (DEADLINE_EXCEEDED)."""
+    max_document_chars: int = 1_000_000
+    """Longest document (and context) an editor session may hold, in characters."""
     request_timeout_s: float = 60.0
     """Deadline of a request whose client set none, in seconds."""
     refresh_ms: int = 500
@@ -75,6 +81,14 @@ class GatewayConfig:
             )
         if self.max_request_bytes <= 0:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if (
+            self.max_sessions_per_tenant < 1
+            or self.session_idle_timeout_s <= 0
+            or self.max_document_chars < 1
+        ):
+            raise ValueError(
+                "max_sessions_per_tenant, session_idle_timeout_s and max_document_chars must be positive"
+            )
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.refresh_ms <= 0:

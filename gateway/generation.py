@@ -35,7 +35,7 @@ from tenacity import (
 from gateway.router import WorkerPool
 from gateway.routing_cost import Route, RoutePlan
 from kvmesh.engine.tokenizer import Tokenizer
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 

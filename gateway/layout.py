@@ -146,9 +146,26 @@ class PromptLayout:
         min_window_tokens of the document (or all of it), else PromptTooLong: a window that small means
         too much context or too large a max_tokens, not a document to cut.
         """
-        context_ids = self._encode(context)
-        prefix_ids = self._encode(prefix)
-        suffix_ids = self._encode(suffix)
+        return self.completion_window_ids(
+            self._encode(context),
+            self._encode(prefix),
+            self._encode(suffix),
+            max_prompt_tokens=max_prompt_tokens,
+            block_size=block_size,
+            min_window_tokens=min_window_tokens,
+        )
+
+    def completion_window_ids(
+        self,
+        context_ids: list[int],
+        prefix_ids: list[int],
+        suffix_ids: list[int],
+        *,
+        max_prompt_tokens: int,
+        block_size: int,
+        min_window_tokens: int,
+    ) -> CompletionPrompt:
+        """completion_window from the segments' ids (each encoded on its own), e.g. a session's."""
         markers = [self._markers[m] for m in (FIM_SUFFIX, FIM_PREFIX, FIM_MIDDLE)]
         budget = max_prompt_tokens - len(context_ids) - sum(len(m) for m in markers)
         num_document_tokens = len(prefix_ids) + len(suffix_ids)
@@ -165,6 +182,10 @@ class PromptLayout:
             *markers[2],
         ]
         return CompletionPrompt(token_ids, window.prefix_start, len(suffix_ids) - window.suffix_end)
+
+    def encode(self, text: str) -> list[int]:
+        """A segment's ids as the layout encodes it (no special tokens; empty text: none)."""
+        return self._encode(text)
 
     def edit(self, original: str, snippet: str) -> EditPrompt:
         """Token ids of an edit prompt; the model generates the rewritten code."""

@@ -27,6 +27,9 @@ from kvmesh.v1 import cache_store_pb2, cache_store_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+BlockHashes = Callable[[str, int], Sequence[bytes]]
+"""(model fingerprint, block size) -> the prompt's block hashes in that namespace (the salt's included)."""
+
 
 @dataclass(frozen=True)
 class LookupResult:
@@ -64,9 +67,11 @@ class PrefixLookup:
         cache_salt: str,
         workers: Iterable[tuple[str, str]],
         block_size: int,
+        block_hashes: BlockHashes | None = None,
     ) -> LookupResult:
         """Leading blocks held per worker. workers: (worker_id, model_fingerprint) of the candidates;
-        block_size: the tokens per KV block they advertise, which the prompt is hashed in.
+        block_size: the tokens per KV block they advertise, which the prompt is hashed in. block_hashes:
+        the prompt's hashes already known (an editor session keeps them); None: hashed here.
 
         Never raises for a cache store problem: it answers no hits, with status "failed".
         """
@@ -91,6 +96,8 @@ class PrefixLookup:
                             block_hashes=hash_blocks(
                                 namespace_hash(fingerprint, cache_salt), token_ids, block_size
                             )
+                            if block_hashes is None
+                            else block_hashes(fingerprint, block_size)
                         ),
                         timeout=self._timeout_s,
                     )

@@ -22,10 +22,10 @@ import grpc
 import grpc.aio
 from opentelemetry import trace
 
-from gateway.prefix_lookup import PrefixLookup
+from gateway.prefix_lookup import BlockHashes, PrefixLookup
 from gateway.routing_cost import Candidate, PoolSnapshot, RoutePlan, RoutingConfig, plan_route
 from kvmesh.mesh.convert import worker_from_proto
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.mesh.workers import WorkerInfo, WorkerRole
@@ -271,16 +271,21 @@ class Router:
         self._tracer = tracer(__name__)
 
     async def plan(
-        self, token_ids: Sequence[int], cache_salt: str, exclude: AbstractSet[str] = frozenset()
+        self,
+        token_ids: Sequence[int],
+        cache_salt: str,
+        exclude: AbstractSet[str] = frozenset(),
+        block_hashes: BlockHashes | None = None,
     ) -> RoutePlan | None:
         """The route for a prompt, None without decode workers. The decision and its inputs become
-        attributes of the current span (the request's "route" span); the lookup is a child span."""
+        attributes of the current span (the request's "route" span); the lookup is a child span.
+        block_hashes: the prompt's hashes when the caller keeps them (PrefixLookup.find)."""
         block_size = self._pool.block_size
         if block_size is None:
             return None
         workers = [(w.worker_id, w.model_fingerprint) for w in self._pool.workers_of_all_roles()]
         with self._tracer.start_as_current_span("cache_lookup") as lookup_span:
-            found = await self._lookup.find(token_ids, cache_salt, workers, block_size)
+            found = await self._lookup.find(token_ids, cache_salt, workers, block_size, block_hashes)
             lookup_span.set_attributes(
                 {
                     "kvmesh.cache_lookup": found.status,

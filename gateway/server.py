@@ -26,16 +26,18 @@ from opentelemetry import trace
 from gateway.config import GatewayConfig
 from gateway.generation import ResumableGeneration
 from gateway.layout import CompletionPrompt, EditPrompt, PromptLayout, PromptTooLong, split_document
-from gateway.prefix_lookup import PrefixLookup
+from gateway.prefix_lookup import BlockHashes, PrefixLookup
 from gateway.router import Router, WorkerPool
 from gateway.routing_cost import RoutePlan
+from gateway.session_service import SessionService
 from gateway.tenancy import Authenticator, Identity, SaltSecret, TenantKeys
 from kvmesh.engine.loader import load_model_config
 from kvmesh.engine.model_config import ModelConfig
 from kvmesh.engine.sampling import SamplingParams
 from kvmesh.engine.tokenizer import Tokenizer
 from kvmesh.mesh.convert import sampling_from_proto, sampling_to_proto
-from kvmesh.mesh.server import RunningServer, ServiceError, deadline_s, invalid, start_server
+from kvmesh.mesh.errors import ServiceError, deadline_s, invalid
+from kvmesh.mesh.server import RunningServer, start_server
 from kvmesh.mesh.telemetry import meter, start_metrics_server, tracer
 from kvmesh.mesh.workers import WorkerRole
 from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc
@@ -80,6 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._layout = PromptLayout(tokenizer)
         self._model_config = model_config
         self._tracer = tracer(__name__)
+        self._sessions = SessionService(self, config)
         gateway_meter = meter(__name__)
         self._ttft_s = gateway_meter.create_histogram(
             "gen_ai.server.time_to_first_token", unit="s", description="Request arrival to first token"
@@ -111,6 +114,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[gateway_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[gateway_pb2.SessionReply]:
+        # aclosing: a client that goes away closes the session, which cancels everything it started.
+        async with aclosing(self._sessions.run(request_iterator, context)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def Edit(
         self, request: gateway_pb2.EditRequest, context: grpc.aio.ServicerContext
@@ -174,6 +187,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _lay_out_completion(
         self, prefix: str, suffix: str, context: str, max_tokens: int
     ) -> CompletionPrompt:
+        return self.lay_out_window(
+            lambda **limits: self._layout.completion_window(prefix, suffix, context, **limits), max_tokens
+        )
+
+    def lay_out_window(self, window: Callable[..., CompletionPrompt], max_tokens: int) -> CompletionPrompt:
+        """window(max_prompt_tokens=, block_size=, min_window_tokens=) (a PromptLayout.completion_window*)
+        with this model's limits; PromptTooLong becomes INVALID_ARGUMENT saying what to send less of."""
         block_size = self._pool.block_size
         if block_size is None:  # no worker is known yet
             raise _no_decode_worker()
@@ -181,10 +201,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         limit = context_tokens - max_tokens
         try:
             # Windows move in whole blocks of the workers' size, so consecutive requests share cached blocks.
-            return self._layout.completion_window(
-                prefix,
-                suffix,
-                context,
+            return window(
                 max_prompt_tokens=limit,
                 block_size=block_size,
                 min_window_tokens=context_tokens // MIN_WINDOW_DIVISOR,
@@ -239,8 +256,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span: trace.Span,
         context: grpc.aio.ServicerContext,
         prompt_lookup: bool = False,
+        block_hashes: BlockHashes | None = None,
     ) -> ResumableGeneration:
-        """Checks the prompt against the model's context and routes its first attempt."""
+        """Checks the prompt against the model's context and routes its first attempt (block_hashes: the
+        prompt's, when the caller keeps them; retries hash their own, longer prompts)."""
         context_tokens = self._model_config.max_position_embeddings
         limit = context_tokens - sampling.max_new_tokens
         if len(token_ids) > limit:
@@ -254,7 +273,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async def plan(prompt_token_ids: Sequence[int], exclude: AbstractSet[str]) -> RoutePlan | None:
             return await self._router.plan(prompt_token_ids, salt, exclude)
 
-        first = await plan(token_ids, frozenset())
+        first = await self._router.plan(token_ids, salt, frozenset(), block_hashes)
         if first is None:
             raise _no_decode_worker()
         request = decode_pb2.GenerateRequest(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 
 SALT_VERSION = b"kvmesh-tenant-salt-v2"
 """v2: HMAC under the server secret (v1 was a plain SHA-256 of the name, computable by anyone)."""

@@ -24,8 +24,14 @@ from types import TracebackType
 
 import grpc
 
+from kvmesh.client_session import ClientSession
 from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
+_SOURCES = {
+    common_pb2.USAGE_SOURCE_MODEL: "MODEL",
+    common_pb2.USAGE_SOURCE_REUSED: "REUSED",
+    common_pb2.USAGE_SOURCE_PREDICTED: "PREDICTED",
+}
 _FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
@@ -46,6 +52,8 @@ class Usage:
     forward_passes: int = 0
     transfer_bytes: int = 0
     transport: str = ""
+    source: str = ""
+    """Editor sessions: "MODEL", "REUSED" or "PREDICTED" (kvmesh.v1.UsageSource); "" outside one."""
 
     @classmethod
     def from_proto(cls, usage: common_pb2.Usage) -> Usage:
@@ -68,6 +76,7 @@ class Usage:
             forward_passes=usage.forward_passes,
             transfer_bytes=usage.transfer_bytes,
             transport=usage.transport,
+            source=_SOURCES.get(usage.source, ""),
         )
 
 
@@ -210,6 +219,11 @@ class Client:
             sampling=_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
         )
         return self._stream(self._stub.Edit, request)
+
+    def session(self, predict_ahead: bool = False) -> ClientSession:
+        """An editor session (kvmesh.client_session): the document lives at the gateway, changes are
+        sent as ranges, and suggestions are superseded, reused and predicted there."""
+        return ClientSession(self._stub, self._metadata, predict_ahead, None)
 
     def _stream(
         self,

@@ -2,13 +2,15 @@
 
 Prefill computes a prompt's KV in this worker's own pool, a chunk per forward pass, then ships the
 blocks to the decode worker's reserved blocks: written straight into its shared-memory pool ("shm"),
-or streamed back as checksummed chunks ("grpc"). Prompts are computed by the engine loop's scheduler,
+sent over the pair's process group ("nccl", gloo on CPU), or streamed back as checksummed chunks
+("grpc"). With `destination.layerwise`, each layer leaves as soon as the last chunk computed it. Prompts are computed by the engine loop's scheduler,
 several per forward pass within its token budget; a cancelled request leaves at the next pass boundary,
 and its blocks are freed there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,15 +23,18 @@ from kvmesh.engine.kv_cache import OutOfBlocks, num_blocks_for_tokens
 from kvmesh.engine.loop import EngineLoop
 from kvmesh.engine.sequence import Sequence
 from kvmesh.mesh.convert import layout_from_proto
+from kvmesh.mesh.errors import ServiceError, invalid, never_fits
 from kvmesh.mesh.registration import join_mesh, worker_info
-from kvmesh.mesh.server import RunningServer, ServiceError, invalid, never_fits, start_server
+from kvmesh.mesh.server import RunningServer, start_server
 from kvmesh.mesh.telemetry import span_across_yields, start_metrics_server, tracer
 from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
 from kvmesh.mesh.workers import WorkerLoad, WorkerRole
-from kvmesh.transport.base import KVDestination, TransferError
+from kvmesh.transport.base import KVDestination, KVSender, LayerReady, TransferError
+from kvmesh.transport.collective import CollectiveSender
 from kvmesh.transport.grant import GrantError
-from kvmesh.transport.grpc_stream import iter_chunks
+from kvmesh.transport.grpc_stream import KVChunk, KVChunkEncoder, iter_chunks
+from kvmesh.transport.layerwise import LayerProgress, LayerWatch
 from kvmesh.transport.shm import ShmSender
 from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_service.config import PrefillConfig
@@ -45,8 +50,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._engine = engine
         self._loop = loop
         self._config = config
-        self._shm = ShmSender() if "shm" in config.registration.transports else None
+        offered = config.registration.transports
+        self._shm = ShmSender() if "shm" in offered else None
+        self._collective = CollectiveSender() if "nccl" in offered else None
+        self._senders: dict[str, KVSender] = {}
+        if self._shm is not None:
+            self._senders["shm"] = self._shm
+        if self._collective is not None:
+            self._senders["nccl"] = self._collective
         self._transfers = Transfers()
+        self._progress = LayerProgress(engine, loop)
 
     async def Prefill(  # noqa: N802 (generated name)
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -54,16 +67,32 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         dest = self._destination(request)
         writer = self._transfers.begin(request.transfer_id)
         seq: Sequence | None = None
+        watch: LayerWatch | None = None
+        compute: asyncio.Future[tuple[float, float]] | None = None
         try:
+            if dest.transport == "nccl":
+                # The pair's rendezvous overlaps the compute (once per pair; cached afterwards).
+                joining = asyncio.ensure_future(self._collective.join(dest, self._engine.device))
             seq = await self._loop.call(lambda: self._new_sequence(request), undo=self._loop.release_soon)
-            prefill_ms = await self._compute(seq)
+            if request.destination.layerwise:
+                watch = self._progress.watch(seq)
+            compute = asyncio.ensure_future(self._compute(seq, watch))
+            if watch is None:
+                await asyncio.shield(compute)
+            layer_ready = None
+            if watch is not None:
+                await watch.final_pass()  # the block table is complete from here on
+                layer_ready = watch.layer_ready
             dest_first = request.destination.first_block
+            src_block_ids = seq.block_table[dest_first:]
             with span_across_yields(_tracer, "ship") as span:  # it yields: never the current span
                 span.set_attribute("kvmesh.transport", dest.transport)
+                span.set_attribute("kvmesh.layerwise", watch is not None)
                 started = time.perf_counter()
+                crc32 = 0
                 if dest.transport == "grpc":
-                    chunks = iter_chunks(self._engine.pool, seq.block_table[dest_first:], dest=dest)
-                    for chunk in chunks:
+                    chunks = iter_chunks(self._engine.pool, src_block_ids, dest=dest)
+                    async for chunk in _chunks(chunks, layer_ready):
                         yield prefill_pb2.PrefillChunk(
                             data=prefill_pb2.KVData(
                                 offset_bytes=chunk.offset_bytes, payload=chunk.payload, crc32=chunk.crc32
@@ -71,10 +100,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                         )
                     num_bytes, crc32 = chunks.num_bytes, chunks.crc32
                 else:
-                    assert self._shm is not None  # _destination offers shm only with a sender
-                    stats = await self._shm.send(self._engine.pool, seq.block_table[dest_first:], dest)
-                    num_bytes, crc32 = stats.num_bytes, 0
-                transfer_ms = (time.perf_counter() - started) * 1000.0
+                    if dest.transport == "nccl":
+                        await joining
+                    sender = self._senders[dest.transport]
+                    stats = await sender.send(self._engine.pool, src_block_ids, dest, layer_ready)
+                    num_bytes = stats.num_bytes
+                prefill_ms, computed_at = await compute
+                # NOTE: layer-wise, only the part of the transfer after the compute ended adds latency.
+                transfer_ms = (time.perf_counter() - max(started, computed_at)) * 1000.0
                 span.set_attribute("kvmesh.num_bytes", num_bytes)
             yield prefill_pb2.PrefillChunk(
                 done=prefill_pb2.PrefillDone(
@@ -86,9 +119,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 )
             )
         finally:
-            # NOTE: past this point nothing writes into the destination: a shm copy in progress when the
-            # call was cancelled has run to its end (run_copy), so CancelPrefill may answer.
+            # NOTE: past this point nothing writes into the destination: a copy in progress when the call
+            # was cancelled has run to its end (run_copy; a collective send finishes its transfer).
             writer.end()
+            if compute is not None and not compute.done():
+                compute.cancel()
+            elif compute is not None and not compute.cancelled():
+                compute.exception()  # retrieved: when it failed, the handler raised it already
+            if watch is not None:
+                self._progress.unwatch(watch)
             if seq is not None:
                 self._loop.release_soon(seq)
 
@@ -104,7 +143,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if not request.token_ids:
             raise invalid("token_ids is empty: nothing to prefill")
         spec = request.destination
-        offered = ("grpc", "shm") if self._shm is not None else ("grpc",)
+        offered = ("grpc", *self._senders)
         if spec.transport not in offered:
             raise invalid(
                 f"destination.transport {spec.transport!r} is not offered here (offered: {', '.join(offered)})"
@@ -125,6 +164,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         ours = self._engine.pool.layout
         if layout.with_blocks(1) != ours.with_blocks(1):
             raise invalid(f"destination.layout {layout} does not match this worker's KV layout {ours}")
+        if spec.transport == "nccl" and not (spec.store_address and spec.group_key and request.transfer_id):
+            raise invalid("destination.transport 'nccl' needs store_address, group_key and a transfer_id")
         dest = KVDestination(
             spec.transport,
             tuple(spec.block_ids),
@@ -134,6 +175,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             request.request_id,
             spec.grant,
             spec.grant_expires_unix_ms,
+            request.transfer_id,
+            spec.store_address,
+            spec.group_key,
+            spec.backend,
         )
         if spec.transport == "shm":
             # NOTE: before any compute: a caller may only name blocks the pool's owner reserved for it.
@@ -153,29 +198,47 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         seq.prefill_only = True
         return seq
 
-    async def _compute(self, seq: Sequence) -> float:
-        """Have the engine loop compute seq's KV (in chunks, beside other prompts); returns milliseconds."""
+    async def _compute(self, seq: Sequence, watch: LayerWatch | None) -> tuple[float, float]:
+        """Have the engine loop compute seq's KV (in chunks, beside other prompts); returns milliseconds
+        and when it ended (perf_counter). Settles `watch` either way."""
         started = time.perf_counter()
-        with _tracer.start_as_current_span("prefill") as span:
-            span.set_attribute("kvmesh.num_tokens", len(seq))
-            try:
-                stream = await self._loop.submit(seq)
-            except OutOfBlocks as error:
-                raise never_fits("prefill", error.num_needed, error.num_free) from error
-            outcome = await stream.outputs.get()
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return (time.perf_counter() - started) * 1000.0
+        try:
+            with _tracer.start_as_current_span("prefill") as span:
+                span.set_attribute("kvmesh.num_tokens", len(seq))
+                try:
+                    stream = await self._loop.submit(seq)
+                except OutOfBlocks as error:
+                    raise never_fits("prefill", error.num_needed, error.num_free) from error
+                outcome = await stream.outputs.get()
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except BaseException as error:
+            if watch is not None:
+                watch.fail(error)
+            raise
+        if watch is not None:
+            watch.complete()
+        ended = time.perf_counter()
+        return (ended - started) * 1000.0, ended
 
     def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
+        for sender in self._senders.values():
+            sender.close()
 
     def load(self) -> WorkerLoad:
         usage = self._engine.pool_usage()
         return WorkerLoad(
             self._loop.num_running, self._loop.num_waiting, usage.num_blocks_free, usage.num_blocks_total
         )
+
+
+async def _chunks(chunks: KVChunkEncoder, layer_ready: LayerReady | None) -> AsyncIterator[KVChunk]:
+    if layer_ready is not None:
+        async for chunk in chunks.achunks(layer_ready):
+            yield chunk
+        return
+    for chunk in chunks:
+        yield chunk
 
 
 async def serve(config: PrefillConfig) -> RunningServer:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvmesh.mesh.server import ServiceError, invalid
+from kvmesh.mesh.errors import ServiceError, invalid
 
 MAX_CANCELLED = 4096
 """Cancelled transfer ids remembered, so that a Prefill call overtaken by its cancel is refused."""

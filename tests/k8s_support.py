@@ -15,7 +15,7 @@ import opentelemetry.sdk.environment_variables
 import pytest
 import yaml
 
-from kvmesh.cli.settings import ROLES
+from kvmesh.cli.options import ROLES
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"

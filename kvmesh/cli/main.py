@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.cli.settings import (
+from kvmesh.cli.options import (
     CLIENT_OPTIONS,
     MODEL,
     ROLE_OPTIONS,
@@ -31,10 +31,9 @@ from kvmesh.cli.settings import (
     UP_OPTIONS,
     SettingsError,
     add_options,
-    child_environ,
     resolve,
-    role_settings,
 )
+from kvmesh.cli.settings import child_environ, role_settings
 from kvmesh.client import Chunk, Client
 
 ROLE_HELP = {

@@ -31,6 +31,7 @@ from kvmesh.engine.kv_cache import (
     KVPool,
     OutOfBlocks,
     PoolUsage,
+    kv_layout_for,
     num_blocks_for_bytes,
     num_blocks_for_tokens,
 )
@@ -61,9 +62,7 @@ class Engine:
         self.device = param.device
         self.dtype = param.dtype
         mc = model.config
-        layout = KVLayout(
-            mc.num_hidden_layers, 1, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
-        )
+        layout = kv_layout_for(mc, config.block_size, self.dtype)
         num_blocks = config.num_blocks or num_blocks_for_bytes(layout, config.kv_cache_bytes)
         if num_blocks < 1:
             raise ValueError(

@@ -4,24 +4,29 @@ Pool layout (one tensor; `pool.layer(i)` is layer i's view):
 
     kv[layer, 0 = key | 1 = value, block, slot in block, kv head, head dim]
 
+or, for multi-latent attention (`KVLayout.latent`), one vector per token and layer (`pool.latent(i)`):
+
+    kv[layer, 0, block, slot in block, 0, kv_lora_rank + qk_rope_head_dim]
+
 A block id indexes the same block in every layer, so a sequence needs one block table, and a
 transfer ships `kv[:, :, block_ids]` as one gather.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvmesh.engine.block_manager import BlockAllocator, OutOfBlocks
+from kvmesh.engine.model_config import ModelConfig
 
-__all__ = ["BlockAllocator", "KVLayout", "KVPool", "OutOfBlocks", "PoolUsage"]
+__all__ = ["BlockAllocator", "KVLayout", "KVPool", "OutOfBlocks", "PoolUsage", "kv_layout_for"]
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """The shape and dtype of a KV pool; two pools can exchange blocks when their layouts match."""
+    """What a KV pool's blocks hold, and how many: two pools can exchange blocks when all but num_blocks match."""
 
     num_layers: int
     num_blocks: int
@@ -29,16 +34,31 @@ class KVLayout:
     """Tokens per block."""
     num_kv_heads: int
     head_dim: int
+    """Size of one head; for a latent layout, of the latent vector (kv_lora_rank + qk_rope_head_dim)."""
     dtype: torch.dtype
+    latent: bool = False
+    """Multi-latent attention: a token holds one vector per layer (num_kv_heads 1), not a K and a V."""
+
+    @property
+    def num_parts(self) -> int:
+        """Vectors per token, layer and head: 2 (K and V), or 1 (a latent)."""
+        return 1 if self.latent else 2
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
-        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return (
+            self.num_layers,
+            self.num_parts,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+        )
 
     @property
     def bytes_per_token(self) -> int:
-        """2 (K and V) x layers x kv heads x head dim x dtype bytes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        """parts (2: K and V; 1: a latent) x layers x kv heads x head dim x dtype bytes."""
+        return self.num_parts * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def bytes_per_block(self) -> int:
@@ -49,9 +69,22 @@ class KVLayout:
         return self.bytes_per_block * self.num_blocks
 
     def with_blocks(self, num_blocks: int) -> KVLayout:
-        return KVLayout(
-            self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim, self.dtype
+        return replace(self, num_blocks=num_blocks)
+
+    def describe(self) -> str:
+        """One line for messages: what a block holds, e.g. 'K/V 2 heads x 64, 4 layers, 16 tokens, bfloat16'."""
+        holds = (
+            f"latent {self.head_dim}" if self.latent else f"K/V {self.num_kv_heads} heads x {self.head_dim}"
         )
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{holds}, {self.num_layers} layers, {self.block_size} tokens per block, {dtype}"
+
+
+def kv_layout_for(config: ModelConfig, block_size: int, dtype: torch.dtype, num_blocks: int = 1) -> KVLayout:
+    """The KV description of a model: what each of its blocks holds (every pool and transport works from it)."""
+    return KVLayout(
+        config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype
+    )
 
 
 class KVPool:
@@ -80,10 +113,18 @@ class KVPool:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) views of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        if self.layout.latent:
+            raise ValueError(f"a latent pool ({self.layout.describe()}) holds no K and V: use latent()")
         return self.kv[index, 0], self.kv[index, 1]
 
+    def latent(self, index: int) -> torch.Tensor:
+        """A latent pool's view of one layer: [num_blocks, block_size, latent dim]."""
+        if not self.layout.latent:
+            raise ValueError(f"a K/V pool ({self.layout.describe()}) holds no latent: use layer()")
+        return self.kv[index, 0, :, :, 0]
+
     def gather(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of the given blocks of every layer: [num_layers, 2, len(block_ids), block_size, kv_heads, head_dim]."""
+        """A copy of the given blocks of every layer: [num_layers, parts, len(block_ids), block_size, kv_heads, head_dim]."""
         return self.kv[:, :, block_ids]
 
     def scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:

@@ -12,6 +12,14 @@ from safetensors import safe_open
 from kvmesh.engine.model import CausalLM
 from kvmesh.engine.model_config import CheckpointError, ModelConfig, model_config_from_hf
 
+MIXTRAL_NAMES = (
+    (".block_sparse_moe.", ".mlp."),
+    (".w1.", ".gate_proj."),
+    (".w2.", ".down_proj."),
+    (".w3.", ".up_proj."),
+)
+"""Mixtral's checkpoint names -> ours (the same modules Qwen-MoE checkpoints name gate/up/down_proj)."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +72,14 @@ def safetensors_files(path: Path) -> list[Path]:
     return [path / shard for shard in shards]
 
 
+def our_name(name: str, config: ModelConfig) -> str:
+    """The parameter a checkpoint tensor's name maps to in our model."""
+    if config.architecture == "mixtral" and ".block_sparse_moe." in name:
+        for theirs, ours in MIXTRAL_NAMES:
+            name = name.replace(theirs, ours)
+    return name
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> CausalLM:
     """Build the model for a checkpoint directory and load its weights (cast to `dtype`)."""
     path = Path(path)
@@ -80,8 +96,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
                 for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if name in expected:
-                        state[name] = reader.get_tensor(name).to(torch_dtype)
+                    if our_name(name, config) in expected:
+                        state[our_name(name, config)] = reader.get_tensor(name).to(torch_dtype)
                     elif not (name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"):
                         # inv_freq: a buffer some old checkpoints saved; lm_head: a tied copy.
                         unexpected.append(name)

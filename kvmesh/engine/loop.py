@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kvmesh.engine.batch import Batch, SeqOutput
 from kvmesh.engine.engine import Engine
@@ -42,10 +42,21 @@ class Stream:
     first_token_at: float | None = None
 
 
+class PassObserver(Protocol):
+    """Told about each forward pass (layer-wise KV transfer watches the passes that finish prompts)."""
+
+    def before_pass(self, batch: Batch) -> None:
+        """In the loop's task, just before the pass starts in its thread."""
+
+    def after_pass(self, batch: Batch, error: BaseException | None) -> None:
+        """In the loop's task, once the pass ended (error: it failed)."""
+
+
 class EngineLoop:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.scheduler = Scheduler(engine)
+        self.pass_observers: list[PassObserver] = []
         self._ops: deque[tuple[Callable[[], Any], asyncio.Future[Any] | None]] = deque()
         self._streams: dict[int, Stream] = {}
         self._wakeup = asyncio.Event()
@@ -128,11 +139,17 @@ class EngineLoop:
                 stream = self._streams.get(seq.seq_id)
                 if stream is not None and stream.first_step_at is None:
                     stream.first_step_at = started
+            for observer in self.pass_observers:
+                observer.before_pass(batch)
             try:
                 logits = await asyncio.to_thread(self.engine.run, batch)
+                for observer in self.pass_observers:
+                    observer.after_pass(batch, None)
                 outputs = self.scheduler.postprocess(batch, logits)
             except Exception as error:  # a bug in a pass must not hang every stream
                 logger.exception("forward pass failed")
+                for observer in self.pass_observers:
+                    observer.after_pass(batch, error)
                 for seq in batch.seqs:
                     self.scheduler.abort(seq)
                     self._deliver(seq, error)

@@ -1,6 +1,7 @@
 """A Llama-family decoder in plain PyTorch: RMSNorm, RoPE, SwiGLU, MHA/GQA/MQA attention.
 
-Covers Llama (incl. Llama-3 rope scaling), Qwen2 (qkv bias) and Mistral (sliding window). Module and
+Covers Llama (incl. Llama-3 rope scaling), Qwen2 (qkv bias), Mistral (sliding window), Qwen3 (q/k norms)
+and, with the sparse MLP of `kvmesh.engine.moe`, Mixtral, Qwen2-MoE and Qwen3-MoE. Module and
 parameter names follow Hugging Face's, so a checkpoint's state dict loads as it is. The model sees a
 flat batch of new tokens (`[T]`) and reads/writes its KV through the pool; paging, batching and
 sampling live in the engine around it.
@@ -11,12 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvmesh.engine.attention import AttentionBatch, paged_attention
 from kvmesh.engine.kv_cache import KVPool
 from kvmesh.engine.model_config import ModelConfig, RopeConfig
+from kvmesh.engine.moe import SparseMoE, SwiGLU
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +88,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: KVPool, batch: AttentionBatch
@@ -95,28 +100,24 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = pool.layer(self.layer_index)
         out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_index)
-        self.mlp = MLP(config)
+        moe = config.moe
+        self.mlp: nn.Module = (
+            SparseMoE(config.hidden_size, moe)
+            if moe is not None and layer_index in moe.sparse_layers
+            else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

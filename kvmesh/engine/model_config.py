@@ -11,7 +11,13 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
+QWEN_FAMILY = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
+"""Architectures whose config carries use_sliding_window (off in every released checkpoint)."""
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -42,11 +48,28 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP: a router picks top-k experts per token (Mixtral, Qwen2/Qwen3-MoE)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    """k: experts each token is sent to."""
+    expert_intermediate_size: int
+    """Width of each expert's SwiGLU MLP."""
+    norm_topk_prob: bool
+    """Renormalise the k chosen probabilities to sum to one (Mixtral always does)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: width of the always-on shared expert (0: none); its output is scaled by sigmoid(gate)."""
+    sparse_layers: tuple[int, ...] = ()
+    """Layers whose MLP is the MoE; the others keep the dense MLP (intermediate_size)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder's shape."""
 
     architecture: str
-    """'llama', 'qwen2' or 'mistral'."""
+    """A value of SUPPORTED_ARCHITECTURES: 'llama', 'qwen2', 'mistral', 'qwen3', 'qwen3_moe', ..."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -69,6 +92,10 @@ class ModelConfig:
     """Mistral: a query attends to at most this many most recent positions, itself included."""
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    qk_norm: bool = False
+    """Qwen3: per-head RMSNorm on q and k before RoPE."""
+    moe: MoEConfig | None = None
+    """The sparse MLP, for mixtures of experts."""
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -133,13 +160,15 @@ def model_config_from_hf(raw: dict[str, Any], generation_config: dict[str, Any] 
     head_dim = int(raw.get("head_dim") or hidden // num_heads)
 
     sliding_window: int | None = None
-    if arch == "qwen2" and raw.get("use_sliding_window"):
-        raise _refuse("use_sliding_window", True, "Qwen2's per-layer sliding window is not implemented")
-    if arch == "mistral" and raw.get("sliding_window") is not None:
+    if arch in QWEN_FAMILY and raw.get("use_sliding_window"):
+        raise _refuse("use_sliding_window", True, "Qwen's per-layer sliding window is not implemented")
+    if arch in ("mistral", "mixtral") and raw.get("sliding_window") is not None:
         sliding_window = int(raw["sliding_window"])
 
     eos = _eos_ids((generation_config or {}).get("eos_token_id")) or _eos_ids(raw.get("eos_token_id"))
-    attention_bias = bool(raw.get("attention_bias", False)) or arch == "qwen2"
+    # Qwen2 always has q/k/v biases; Qwen2-MoE names them qkv_bias; neither biases o_proj.
+    qkv_bias_only = arch == "qwen2" or (arch == "qwen2_moe" and raw.get("qkv_bias", True))
+    attention_bias = bool(raw.get("attention_bias", False)) or qkv_bias_only
     return ModelConfig(
         architecture=arch,
         vocab_size=int(raw["vocab_size"]),
@@ -153,9 +182,34 @@ def model_config_from_hf(raw: dict[str, Any], generation_config: dict[str, Any] 
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope=_rope_from_hf(raw),
         attention_bias=attention_bias,
-        o_proj_bias=bool(raw.get("attention_bias", False)) and arch != "qwen2",
+        o_proj_bias=bool(raw.get("attention_bias", False)) and arch not in ("qwen2", "qwen2_moe"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos,
+        qk_norm=arch in ("qwen3", "qwen3_moe"),
+        moe=_moe_from_hf(raw, arch),
+    )
+
+
+def _moe_from_hf(raw: dict[str, Any], arch: str) -> MoEConfig | None:
+    if arch not in ("qwen3_moe", "mixtral", "qwen2_moe"):
+        return None
+    num_layers = int(raw["num_hidden_layers"])
+    num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    top_k = int(raw.get("num_experts_per_tok", 2))
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        raise _refuse("num_experts_per_tok", top_k, f"needs 1 <= k <= num_experts={num_experts}")
+    if arch == "mixtral":
+        return MoEConfig(num_experts, top_k, int(raw["intermediate_size"]), True, 0, tuple(range(num_layers)))
+    step = int(raw.get("decoder_sparse_step", 1))
+    mlp_only = set(raw.get("mlp_only_layers") or ())
+    sparse = tuple(i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0)
+    return MoEConfig(
+        num_experts,
+        top_k,
+        int(raw["moe_intermediate_size"]),
+        bool(raw.get("norm_topk_prob", False)),
+        int(raw.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0,
+        sparse,
     )

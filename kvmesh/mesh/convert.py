@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvmesh.engine.block_hash import HASH_BYTES
 from kvmesh.engine.kv_event import KVEvent, KVEventKind
-from kvmesh.mesh.server import invalid
+from kvmesh.mesh.errors import invalid
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 from kvmesh.v1 import cache_store_pb2, common_pb2, prefill_pb2
 

@@ -1,7 +1,9 @@
 """KV transports: moving blocks from a prefill worker's pool into a decode worker's reserved blocks.
 
-`base` is the interface (destinations, stats, the sender registry); `shm` and `grpc_stream` are the
-transports. Which one a request uses, the gateway chooses (gateway.routing_cost.choose_transport).
+`base` is the interface (destinations, stats, the sender registry); `shm`, `grpc_stream` and
+`collective` (NCCL, and its gloo twin on CPU) are the transports (CUDA IPC is not written yet);
+`layerwise` lets blocks leave layer by layer while the last chunk of a prompt is computed. Which one a
+request uses, the gateway chooses (gateway.routing_cost.choose_transport).
 Importing this package registers the push senders.
 """
 
@@ -16,6 +18,7 @@ from kvmesh.transport.base import (
     make_sender,
     register_sender,
 )
+from kvmesh.transport.collective import CollectiveReceiver, CollectiveSender, PeerLost
 from kvmesh.transport.grpc_stream import (
     DEFAULT_CHUNK_BYTES,
     KVChunk,
@@ -28,6 +31,9 @@ from kvmesh.transport.shm import SharedKVPool, ShmSender, attach
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "CollectiveReceiver",
+    "CollectiveSender",
+    "PeerLost",
     "STREAM_TRANSPORT",
     "KVChunk",
     "KVChunkEncoder",

@@ -4,9 +4,10 @@ A transfer moves whole blocks (every layer, K and V) from the prefill worker's p
 decode worker reserved before asking for them. Source block `src_block_ids[i]` lands in destination block
 `dest.block_ids[i]`. Two styles:
 
-- push, `KVSender.send`: the prefill side writes straight into the destination pool's memory (shm;
-  later CUDA IPC and NCCL). The decode side learns that the blocks are ready from the Prefill
-  stream's done message, which is also the happens-before edge for the bytes.
+- push, `KVSender.send`: the prefill side writes straight into the destination pool's memory (shm,
+  CUDA IPC) or sends to a receiver that writes it there (NCCL/gloo, `collective`). The decode side
+  learns that the blocks are ready from the Prefill stream's done message (and, for `collective`, its
+  receiver's completion), which is also the happens-before edge for the bytes.
 - stream, `grpc_stream`: the prefill side yields checksummed chunks in the Prefill response stream and
   the decode side's `KVChunkReceiver` verifies them and writes them into its reserved blocks.
 
@@ -20,13 +21,17 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
 from kvmesh.engine.kv_cache import KVLayout, KVPool
+
+LayerReady = Callable[[int], Awaitable[None]]
+"""Layer-wise transfer: awaits until layer l of the source blocks is final; raises if it never will be
+(the compute failed). See `kvmesh.transport.layerwise`."""
 
 STREAM_TRANSPORT = "grpc"
 """The transport every worker supports: KV bytes in the Prefill response stream."""
@@ -64,6 +69,14 @@ class KVDestination:
     """The pool owner's write grant for exactly these blocks (`kvmesh.transport.grant`); shm only."""
     grant_expires_unix_ms: int = 0
     """When the grant stops being valid, in Unix milliseconds."""
+    transfer_id: str = ""
+    """The transfer's unique id (`nccl`: the receiver matches the transfer's bytes by it)."""
+    store_address: str = ""
+    """`nccl`: host:port of the decode worker's rendezvous store (`kvmesh.transport.collective`)."""
+    group_key: str = ""
+    """`nccl`: the pair's process group, a key in that store; the same key for every transfer of a pair."""
+    backend: str = ""
+    """`nccl`: the process-group backend, "nccl" (CUDA pools) or "gloo" (CPU pools)."""
 
     def __post_init__(self) -> None:
         # NOTE: a tuple, so the descriptor stays hashable and nobody edits the block list in flight.
@@ -92,9 +105,17 @@ class KVSender(ABC):
 
     @abstractmethod
     async def send(
-        self, src_pool: KVPool, src_block_ids: Sequence[int], dest: KVDestination
+        self,
+        src_pool: KVPool,
+        src_block_ids: Sequence[int],
+        dest: KVDestination,
+        layer_ready: LayerReady | None = None,
     ) -> TransferStats:
         """Copy `src_block_ids` of `src_pool` into `dest.block_ids` of the destination pool, pairwise.
+
+        With `layer_ready`, layer l is read only once `await layer_ready(l)` returned, so the transfer
+        overlaps the compute of the prompt's last chunk; the bytes are the same. If it raises, the
+        transfer stops (the destination holds partial data) and the error is re-raised.
 
         Changes only the destination's blocks `dest.block_ids`. Reads the source blocks, which must stay
         allocated and unchanged until the awaitable completes. When it completes, the bytes are in the
@@ -140,7 +161,8 @@ def check_same_block_layout(src: KVLayout, dst: KVLayout) -> None:
     ]
     if diffs:
         raise ValueError(
-            f"KV layouts differ (source vs destination): {', '.join(diffs)}; "
+            f"KV layouts differ (source vs destination): {', '.join(diffs)} "
+            f"(source: {src.describe()}; destination: {dst.describe()}); "
             "both workers must run the same model with the same KV dtype and block size"
         )
 
@@ -210,7 +232,7 @@ def copy_blocks(
     #   destination blocks: wins when a scattered source goes to few destination runs (a fresh
     #   reservation) and blocks are small (GQA models), where per-block copies pay their overhead.
     runs = block_runs(src_block_ids, dst_block_ids)
-    num_slabs = dst_kv.shape[0] * 2
+    num_slabs = dst_kv.shape[0] * dst_kv.shape[1]  # layers x parts (K and V, or a latent)
     gathers = destination_runs(src_block_ids, dst_block_ids)
     slab_views_ok = src_kv.is_contiguous() and dst_kv.is_contiguous() and src_kv.device == dst_kv.device
     if slab_views_ok and len(gathers) * num_slabs < len(runs):

@@ -9,7 +9,8 @@ Wire format (both sides must agree; the services map these to protobuf fields on
   crc32)`, `crc32 = zlib.crc32(payload)`, sent in offset order with no gap.
 - A done message closes it: the total bytes and the crc32 of the whole stream (`KVChunkEncoder.crc32`).
 
-The prefill side reads its pool straight into each chunk's payload (one copy, no gathered tensor);
+The prefill side reads its pool straight into each chunk's payload (one copy, no gathered tensor),
+all at once or layer by layer as the prompt's last chunk is computed (`KVChunkEncoder.achunks`);
 the decode side verifies each chunk, then writes it straight into its reserved blocks (one copy).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from kvmesh.engine.kv_cache import KVPool
 from kvmesh.transport.base import (
     STREAM_TRANSPORT,
     KVDestination,
+    LayerReady,
     TransferError,
     TransferStats,
     check_block_ids,
@@ -88,7 +90,10 @@ class KVChunkEncoder(Iterator[KVChunk]):
         check_block_ids(src_pool.layout, src_block_ids, "source", unique=False)
         self.num_bytes = len(src_block_ids) * src_pool.layout.bytes_per_block
         self._crc32: int | None = None
-        self._chunks = self._generate(_wire_segments(src_pool, src_block_ids), chunk_bytes)
+        self._src_pool = src_pool
+        self._src_block_ids = list(src_block_ids)
+        self._chunk_bytes = chunk_bytes
+        self._chunks = self._generate()
 
     @property
     def crc32(self) -> int:
@@ -100,28 +105,60 @@ class KVChunkEncoder(Iterator[KVChunk]):
     def __next__(self) -> KVChunk:
         return next(self._chunks)
 
-    def _generate(self, segments: Iterator[memoryview], chunk_bytes: int) -> Iterator[KVChunk]:
-        offset = 0
-        total_crc = 0
-        pieces: list[memoryview] = []
-        num_pending = 0
-        for segment in segments:
-            while len(segment) > 0:
-                take = min(len(segment), chunk_bytes - num_pending)
-                pieces.append(segment[:take])
-                segment = segment[take:]
-                num_pending += take
-                if num_pending == chunk_bytes:
-                    chunk = _make_chunk(offset, pieces)
-                    total_crc = crc32_combine(total_crc, chunk.crc32, num_pending)
-                    offset += num_pending
-                    pieces, num_pending = [], 0
+    async def achunks(self, layer_ready: LayerReady) -> AsyncIterator[KVChunk]:
+        """The same chunks as iterating, but layer l's bytes are read only once `layer_ready(l)` returned
+        (layer-wise transfer: the wire is layer-major, so each layer is a contiguous range of it)."""
+        chunker = _Chunker(self._chunk_bytes)
+        for layer in range(self._src_pool.layout.num_layers):
+            await layer_ready(layer)
+            for segment in _wire_segments(self._src_pool, self._src_block_ids, layer):
+                for chunk in chunker.feed(segment):
                     yield chunk
-        if num_pending:
-            chunk = _make_chunk(offset, pieces)
-            total_crc = crc32_combine(total_crc, chunk.crc32, num_pending)
+        for chunk in chunker.flush():
             yield chunk
-        self._crc32 = total_crc
+        self._crc32 = chunker.crc32
+
+    def _generate(self) -> Iterator[KVChunk]:
+        chunker = _Chunker(self._chunk_bytes)
+        for layer in range(self._src_pool.layout.num_layers):
+            for segment in _wire_segments(self._src_pool, self._src_block_ids, layer):
+                yield from chunker.feed(segment)
+        yield from chunker.flush()
+        self._crc32 = chunker.crc32
+
+
+class _Chunker:
+    """Cuts a stream of byte segments into chunks of `chunk_bytes` (the last one shorter)."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._offset = 0
+        self._pieces: list[memoryview] = []
+        self._num_pending = 0
+        self.crc32 = 0
+        """zlib.crc32 of every chunk made so far."""
+
+    def feed(self, segment: memoryview) -> Iterator[KVChunk]:
+        # NOTE: pieces are views into the pool; a chunk copies them when it is made, so a segment must
+        # stay unchanged until the chunk that ends after it was made (the source blocks are final).
+        while len(segment) > 0:
+            take = min(len(segment), self._chunk_bytes - self._num_pending)
+            self._pieces.append(segment[:take])
+            segment = segment[take:]
+            self._num_pending += take
+            if self._num_pending == self._chunk_bytes:
+                yield self._emit()
+
+    def flush(self) -> Iterator[KVChunk]:
+        if self._num_pending:
+            yield self._emit()
+
+    def _emit(self) -> KVChunk:
+        chunk = _make_chunk(self._offset, self._pieces)
+        self.crc32 = crc32_combine(self.crc32, chunk.crc32, self._num_pending)
+        self._offset += self._num_pending
+        self._pieces, self._num_pending = [], 0
+        return chunk
 
 
 def _make_chunk(offset: int, pieces: list[memoryview]) -> KVChunk:
@@ -146,10 +183,13 @@ class KVChunkReceiver:
         self._block_ids = list(block_ids)
         self._staging: torch.Tensor | None = None
         if _on_host(dst_pool.kv):
-            self._segments = list(_pool_segments(dst_pool.kv, block_ids))
+            layers = range(dst_pool.layout.num_layers)
+            self._segments = [
+                seg for layer in layers for seg in _pool_segments(dst_pool.kv, block_ids, layer)
+            ]
         else:
             # Device pools: receive into host memory, copy to the device in finish().
-            shape = (dst_pool.layout.num_layers, 2, len(block_ids), *dst_pool.layout.shape[3:])
+            shape = dst_pool.layout.with_blocks(len(block_ids)).shape
             self._staging = torch.empty(shape, dtype=dst_pool.layout.dtype)
             self._segments = [_byte_view(self._staging)]
         self._segment_index = 0
@@ -241,11 +281,11 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
-def _pool_segments(kv: torch.Tensor, block_ids: Sequence[int]) -> Iterator[memoryview]:
-    """Byte views of a CPU pool's blocks in wire order, one per (layer, K/V, run of consecutive ids)."""
+def _pool_segments(kv: torch.Tensor, block_ids: Sequence[int], layer: int) -> Iterator[memoryview]:
+    """Byte views of one layer of a CPU pool's blocks in wire order, one per (K/V, run of consecutive ids)."""
     if not kv.is_contiguous():
         raise ValueError("KV pool tensor must be contiguous")
-    num_layers, _, num_blocks = kv.shape[:3]
+    _, num_parts, num_blocks = kv.shape[:3]
     block_bytes = kv[0, 0, 0].numel() * kv.element_size()  # one block of one layer's K or V
     runs: list[tuple[int, int]] = []  # (first block id, number of blocks)
     for block_id in block_ids:
@@ -254,18 +294,20 @@ def _pool_segments(kv: torch.Tensor, block_ids: Sequence[int]) -> Iterator[memor
         else:
             runs.append((block_id, 1))
     pool_bytes = _byte_view(kv)
-    for layer_kv in range(num_layers * 2):
-        base = layer_kv * num_blocks * block_bytes
+    for part in range(num_parts):
+        base = (layer * num_parts + part) * num_blocks * block_bytes
         for first, n in runs:
             start = base + first * block_bytes
             yield pool_bytes[start : start + n * block_bytes]
 
 
-def _wire_segments(src_pool: KVPool, block_ids: Sequence[int]) -> Iterator[memoryview]:
+def _wire_segments(src_pool: KVPool, block_ids: Sequence[int], layer: int) -> Iterator[memoryview]:
+    """One layer's bytes of the wire stream (the wire is layer-major)."""
     if _on_host(src_pool.kv):
-        return _pool_segments(src_pool.kv, block_ids)
-    # Device pools: one gather to host memory, which is then the whole stream.
-    return iter([_byte_view(src_pool.gather(list(block_ids)).cpu().contiguous())])
+        return _pool_segments(src_pool.kv, block_ids, layer)
+    # Device pools: one gather of the layer to host memory.
+    index = torch.tensor(list(block_ids), device=src_pool.kv.device)
+    return iter([_byte_view(src_pool.kv[layer].index_select(1, index).cpu().contiguous())])
 
 
 # crc32_combine from zlib (not exposed by Python's zlib): the stream's crc32 from the chunks' crc32s,

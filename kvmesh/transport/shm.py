@@ -33,6 +33,7 @@ from kvmesh.engine.kv_cache import KVLayout, KVPool
 from kvmesh.transport.base import (
     KVDestination,
     KVSender,
+    LayerReady,
     TransferError,
     TransferStats,
     check_transfer,
@@ -63,7 +64,10 @@ def _path(name: str) -> str:
 
 def _layout_header(layout: KVLayout) -> bytes:
     fields = (layout.num_layers, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-    header = f"{_MAGIC} {' '.join(map(str, fields))} {str(layout.dtype).removeprefix('torch.')}\n".encode()
+    kind = " latent" if layout.latent else ""
+    header = (
+        f"{_MAGIC} {' '.join(map(str, fields))} {str(layout.dtype).removeprefix('torch.')}{kind}\n".encode()
+    )
     return header.ljust(_KEY_OFFSET, b"\0")
 
 
@@ -211,16 +215,30 @@ class ShmSender(KVSender):
         self._attachments: OrderedDict[str, _Attachment] = OrderedDict()
 
     async def send(
-        self, src_pool: KVPool, src_block_ids: Sequence[int], dest: KVDestination
+        self,
+        src_pool: KVPool,
+        src_block_ids: Sequence[int],
+        dest: KVDestination,
+        layer_ready: LayerReady | None = None,
     ) -> TransferStats:
         if dest.transport != self.name:
             raise ValueError(f"destination wants transport {dest.transport!r}, this sender is {self.name!r}")
         check_transfer(src_pool.layout, src_block_ids, dest)
         dst_kv = self.authorize(dest)
         num_bytes = len(dest.block_ids) * dest.layout.bytes_per_block
-        seconds = await run_copy(
-            lambda: copy_blocks(src_pool.kv, src_block_ids, dst_kv, dest.block_ids), num_bytes
-        )
+        if layer_ready is None:
+            seconds = await run_copy(
+                lambda: copy_blocks(src_pool.kv, src_block_ids, dst_kv, dest.block_ids), num_bytes
+            )
+            return TransferStats(num_bytes, seconds, self.name)
+        seconds = 0.0
+        for layer in range(src_pool.layout.num_layers):
+            await layer_ready(layer)
+            src, dst = src_pool.kv[layer : layer + 1], dst_kv[layer : layer + 1]
+            seconds += await run_copy(
+                lambda src=src, dst=dst: copy_blocks(src, src_block_ids, dst, dest.block_ids),
+                num_bytes // src_pool.layout.num_layers,
+            )
         return TransferStats(num_bytes, seconds, self.name)
 
     def authorize(self, dest: KVDestination) -> torch.Tensor:

@@ -7,11 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class UsageSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_SOURCE_UNSPECIFIED: _ClassVar[UsageSource]
+    USAGE_SOURCE_MODEL: _ClassVar[UsageSource]
+    USAGE_SOURCE_REUSED: _ClassVar[UsageSource]
+    USAGE_SOURCE_PREDICTED: _ClassVar[UsageSource]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+USAGE_SOURCE_UNSPECIFIED: UsageSource
+USAGE_SOURCE_MODEL: UsageSource
+USAGE_SOURCE_REUSED: UsageSource
+USAGE_SOURCE_PREDICTED: UsageSource
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -51,7 +62,7 @@ class StageTimings(_message.Message):
     def __init__(self, route_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "prefilled_tokens", "completion_tokens", "ttft_ms", "stage_ms", "accepted_prediction_tokens", "rejected_prediction_tokens", "forward_passes", "transfer_bytes", "transport")
+    __slots__ = ("prompt_tokens", "cached_tokens", "prefilled_tokens", "completion_tokens", "ttft_ms", "stage_ms", "accepted_prediction_tokens", "rejected_prediction_tokens", "forward_passes", "transfer_bytes", "transport", "source")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +74,7 @@ class Usage(_message.Message):
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     prefilled_tokens: int
@@ -74,4 +86,5 @@ class Usage(_message.Message):
     forward_passes: int
     transfer_bytes: int
     transport: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., stage_ms: _Optional[_Union[StageTimings, _Mapping]] = ..., accepted_prediction_tokens: _Optional[int] = ..., rejected_prediction_tokens: _Optional[int] = ..., forward_passes: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    source: UsageSource
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., stage_ms: _Optional[_Union[StageTimings, _Mapping]] = ..., accepted_prediction_tokens: _Optional[int] = ..., rejected_prediction_tokens: _Optional[int] = ..., forward_passes: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transport: _Optional[str] = ..., source: _Optional[_Union[UsageSource, str]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/gateway.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\":\n\x0cTextDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\"\xb1\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12)\n\x08\x64ocument\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.TextDocument\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x15\n\rprompt_lookup\x18\x06 \x01(\x08\"r\n\x0b\x45\x64itRequest\x12\x10\n\x08original\x18\x01 \x01(\t\x12\x0f\n\x07snippet\x18\x02 \x01(\t\x12\x13\n\x0bspeculative\x18\x03 \x01(\x08\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\"\x83\x01\n\x0f\x43ompletionChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage2\x8d\x01\n\x07Gateway\x12\x44\n\x08\x43omplete\x12\x1a.kvmesh.v1.CompleteRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x12<\n\x04\x45\x64it\x12\x16.kvmesh.v1.EditRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/gateway.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\":\n\x0cTextDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\"\xb1\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12)\n\x08\x64ocument\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.TextDocument\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x15\n\rprompt_lookup\x18\x06 \x01(\x08\"r\n\x0b\x45\x64itRequest\x12\x10\n\x08original\x18\x01 \x01(\t\x12\x0f\n\x07snippet\x18\x02 \x01(\t\x12\x13\n\x0bspeculative\x18\x03 \x01(\x08\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\"\x83\x01\n\x0f\x43ompletionChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\"\xcb\x01\n\x0eSessionRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.kvmesh.v1.SessionOpenH\x00\x12+\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x19.kvmesh.v1.DocumentChangeH\x00\x12.\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.SessionCompleteH\x00\x12*\n\x06\x61\x63\x63\x65pt\x18\x04 \x01(\x0b\x32\x18.kvmesh.v1.SessionAcceptH\x00\x42\x08\n\x06\x61\x63tion\"C\n\x0bSessionOpen\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x15\n\rpredict_ahead\x18\x03 \x01(\x08\"[\n\tTextRange\x12\x12\n\nstart_line\x18\x01 \x01(\r\x12\x14\n\x0cstart_column\x18\x02 \x01(\r\x12\x10\n\x08\x65nd_line\x18\x03 \x01(\r\x12\x12\n\nend_column\x18\x04 \x01(\r\"T\n\x0e\x44ocumentChange\x12\x0f\n\x07version\x18\x01 \x01(\r\x12#\n\x05range\x18\x02 \x01(\x0b\x32\x14.kvmesh.v1.TextRange\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x84\x01\n\x0fSessionComplete\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x15\n\rcompletion_id\x18\x05 \x01(\x04\" \n\rSessionAccept\x12\x0f\n\x07version\x18\x01 \x01(\r\"u\n\x0cSessionReply\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rcompletion_id\x18\x02 \x01(\x04\x12)\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.CompletionChunk\x12\x12\n\nsuperseded\x18\x04 \x01(\x08\x32\xd0\x01\n\x07Gateway\x12\x44\n\x08\x43omplete\x12\x1a.kvmesh.v1.CompleteRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x12<\n\x04\x45\x64it\x12\x16.kvmesh.v1.EditRequest\x1a\x1a.kvmesh.v1.CompletionChunk0\x01\x12\x41\n\x07Session\x12\x19.kvmesh.v1.SessionRequest\x1a\x17.kvmesh.v1.SessionReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EDITREQUEST']._serialized_end=416
   _globals['_COMPLETIONCHUNK']._serialized_start=419
   _globals['_COMPLETIONCHUNK']._serialized_end=550
-  _globals['_GATEWAY']._serialized_start=553
-  _globals['_GATEWAY']._serialized_end=694
+  _globals['_SESSIONREQUEST']._serialized_start=553
+  _globals['_SESSIONREQUEST']._serialized_end=756
+  _globals['_SESSIONOPEN']._serialized_start=758
+  _globals['_SESSIONOPEN']._serialized_end=825
+  _globals['_TEXTRANGE']._serialized_start=827
+  _globals['_TEXTRANGE']._serialized_end=918
+  _globals['_DOCUMENTCHANGE']._serialized_start=920
+  _globals['_DOCUMENTCHANGE']._serialized_end=1004
+  _globals['_SESSIONCOMPLETE']._serialized_start=1007
+  _globals['_SESSIONCOMPLETE']._serialized_end=1139
+  _globals['_SESSIONACCEPT']._serialized_start=1141
+  _globals['_SESSIONACCEPT']._serialized_end=1173
+  _globals['_SESSIONREPLY']._serialized_start=1175
+  _globals['_SESSIONREPLY']._serialized_end=1292
+  _globals['_GATEWAY']._serialized_start=1295
+  _globals['_GATEWAY']._serialized_end=1503
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,11 @@ class GatewayStub:
                 request_serializer=kvmesh_dot_v1_dot_gateway__pb2.EditRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_gateway__pb2.CompletionChunk.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/kvmesh.v1.Gateway/Session',
+                request_serializer=kvmesh_dot_v1_dot_gateway__pb2.SessionRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_gateway__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -65,6 +70,15 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """An editor session: the document lives at the gateway and is changed incrementally; completions at a
+        cursor stream back tagged with the version they answer. A newer completion supersedes the one in
+        flight. Closing the stream frees everything the session held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Edit,
                     request_deserializer=kvmesh_dot_v1_dot_gateway__pb2.EditRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_gateway__pb2.CompletionChunk.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=kvmesh_dot_v1_dot_gateway__pb2.SessionRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_gateway__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +153,33 @@ class Gateway:
             '/kvmesh.v1.Gateway/Edit',
             kvmesh_dot_v1_dot_gateway__pb2.EditRequest.SerializeToString,
             kvmesh_dot_v1_dot_gateway__pb2.CompletionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvmesh.v1.Gateway/Session',
+            kvmesh_dot_v1_dot_gateway__pb2.SessionRequest.SerializeToString,
+            kvmesh_dot_v1_dot_gateway__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,7 @@ class KVLayoutSpec(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block", "grant", "grant_expires_unix_ms")
+    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block", "grant", "grant_expires_unix_ms", "store_address", "group_key", "backend", "layerwise")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,10 @@ class KVDestination(_message.Message):
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     GRANT_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_KEY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LAYERWISE_FIELD_NUMBER: _ClassVar[int]
     transport: str
     shm_name: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -40,7 +44,11 @@ class KVDestination(_message.Message):
     first_block: int
     grant: bytes
     grant_expires_unix_ms: int
-    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ..., grant: _Optional[bytes] = ..., grant_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    store_address: str
+    group_key: str
+    backend: str
+    layerwise: bool
+    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ..., grant: _Optional[bytes] = ..., grant_expires_unix_ms: _Optional[int] = ..., store_address: _Optional[str] = ..., group_key: _Optional[str] = ..., backend: _Optional[str] = ..., layerwise: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "destination", "cache_salt", "transfer_id")

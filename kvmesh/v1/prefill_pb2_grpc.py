@@ -53,8 +53,9 @@ class PrefillServicer:
 
     def Prefill(self, request, context):
         """Computes the KV of the given tokens and writes it into the destination blocks.
-        For the "grpc" transport the KV bytes come back in data chunks; for "shm" they are written
-        straight into the decode worker's pool and only the done chunk comes back.
+        For the "grpc" transport the KV bytes come back in data chunks; for "shm" and "cuda_ipc" they are
+        written straight into the decode worker's pool, for "nccl" sent to its receiver over the pair's
+        process group; then the done chunk comes back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -20,14 +20,8 @@ from gateway.config import GatewayConfig
 from gateway.routing_cost import RoutingConfig
 from kvmesh.cli.launcher import SERVING_LINE
 from kvmesh.cli.main import build_parser, main
-from kvmesh.cli.settings import (
-    ROLE_OPTIONS,
-    RoleSettings,
-    SettingsError,
-    child_environ,
-    parse_bytes,
-    role_settings,
-)
+from kvmesh.cli.options import ROLE_OPTIONS, SettingsError, parse_bytes
+from kvmesh.cli.settings import RoleSettings, child_environ, role_settings
 from prefill_service.config import PrefillConfig
 from tests.fake_decode import write_tiny_checkpoint
 

@@ -18,7 +18,8 @@ from typing import Any
 import kubernetes_validate
 
 from kvmesh.cli.main import build_parser
-from kvmesh.cli.settings import ROLE_OPTIONS, ROLES, parse_bytes, role_settings
+from kvmesh.cli.options import ROLE_OPTIONS, ROLES, parse_bytes
+from kvmesh.cli.settings import role_settings
 from tests.k8s_support import (
     CALLS,
     DOCKERFILE,

@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -151,6 +152,11 @@ def loopback_env(
                     "tls.key": f"{container.role}.key",
                 }
                 shutil.copy(root / "mesh-certs" / key[item["key"]], directory / item["path"])
+            env = {k: v.replace(mount["mountPath"], str(directory)) for k, v in env.items()}
+            continue
+        if volume["secret"]["secretName"] == "kvmesh-salt-secret":
+            # Created in the cluster by the operator (README), never rendered: a fresh one stands in.
+            (directory / "salt.key").write_text(secrets.token_hex(32))
             env = {k: v.replace(mount["mountPath"], str(directory)) for k, v in env.items()}
             continue
         secret = named(objects, "Secret", volume["secret"]["secretName"])

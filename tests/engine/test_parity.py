@@ -100,8 +100,57 @@ CASES = {
     ),
     "mistral-window": Case("mistral", {"sliding_window": 8}, prompt_len=LONG_PROMPT_LEN),
     "mistral-no-window": Case("mistral", {"sliding_window": None}, prompt_len=LONG_PROMPT_LEN),
+    # q/k norms on a head_dim (24) that is not hidden_size / heads (16).
+    "qwen3": Case("qwen3", {"head_dim": 24}),
+    "qwen3-tied-mqa": Case("qwen3", {"tie_word_embeddings": True, "num_key_value_heads": 1, "head_dim": 16}),
+    # An odd expert count, top-3, renormalised; and top-1 unnormalised with layer 0 dense (mlp_only_layers).
+    "qwen3-moe-top3": Case(
+        "qwen3_moe",
+        {"num_experts": 5, "num_experts_per_tok": 3, "moe_intermediate_size": 40, "norm_topk_prob": True},
+    ),
+    "qwen3-moe-top1-dense-first": Case(
+        "qwen3_moe",
+        {"num_experts": 3, "num_experts_per_tok": 1, "moe_intermediate_size": 24, "mlp_only_layers": [0]},
+    ),
+    "mixtral-top2": Case("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 2}),
+    "mixtral-top1-window": Case(
+        "mixtral",
+        {"num_local_experts": 5, "num_experts_per_tok": 1, "sliding_window": 8},
+        prompt_len=LONG_PROMPT_LEN,
+    ),
+    "qwen2-moe-shared": Case(
+        "qwen2_moe",
+        {
+            "num_experts": 7,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 40,
+        },
+    ),
+    # decoder_sparse_step 2: layer 0 keeps the dense MLP; renormalised top-2.
+    "qwen2-moe-sparse-step": Case(
+        "qwen2_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 32,
+            "decoder_sparse_step": 2,
+            "norm_topk_prob": True,
+        },
+    ),
 }
-BF16_CASES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "mistral-window"]
+BF16_CASES = [
+    "llama-gqa",
+    "llama-tied",
+    "llama3-rope",
+    "qwen2",
+    "mistral-window",
+    "qwen3",
+    "qwen3-moe-top3",
+    "mixtral-top2",
+    "qwen2-moe-shared",
+]
 
 
 def to_legacy_config(path: Path, extra: dict[str, Any]) -> None:
@@ -240,10 +289,13 @@ def test_bfloat16_checkpoint_runs_in_float32(
     assert (ours - theirs).abs().max().item() <= FP32_ATOL
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-moe-top3"])
 def test_generate_batch_matches_transformers_one_prompt_at_a_time(
-    tmp_path: Path, make_hf_checkpoint: Any, code_prompt: Any
+    name: str, tmp_path: Path, make_hf_checkpoint: Any, code_prompt: Any
 ) -> None:
-    path = make_hf_checkpoint(tmp_path, "llama")
+    """Batching changes which tokens share an expert's matmul, never the tokens generated."""
+    case = CASES[name]
+    path = make_hf_checkpoint(tmp_path, case.arch, **case.overrides)
     full = code_prompt(LONG_PROMPT_LEN)
     prompts = [full[:20], full[:LONG_PROMPT_LEN], full[7:40]]
     ours = load_engine(path).generate_batch(prompts, NUM_NEW_TOKENS, ignore_eos=True)
@@ -307,6 +359,16 @@ UNSUPPORTED = {
         "qwen2",
         {"use_sliding_window": True, "sliding_window": 8},
         ("use_sliding_window", "true"),
+    ),
+    "qwen3-moe-sliding-window": (
+        "qwen3_moe",
+        {"use_sliding_window": True, "sliding_window": 8},
+        ("use_sliding_window", "true"),
+    ),
+    "deepseek-v2-architecture": (
+        "llama",
+        {"architectures": ["DeepseekV2ForCausalLM"]},
+        ("architectures", "DeepseekV2ForCausalLM"),
     ),
     "yarn-rope": (
         "llama",

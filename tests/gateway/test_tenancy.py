@@ -27,10 +27,11 @@ from gateway.tenancy import (
     presented_key,
     tenant_salt,
 )
-from kvmesh.cli.settings import ROLE_OPTIONS, add_options, role_settings
+from kvmesh.cli.options import ROLE_OPTIONS, add_options
+from kvmesh.cli.settings import role_settings
 from kvmesh.client import Client
 from kvmesh.engine.tokenizer import Tokenizer
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.fake_decode import FakeDecode, gateway_stack, write_tiny_checkpoint
 
@@ -216,7 +217,7 @@ def test_bad_keys_files_are_refused_without_quoting_a_key(
 def test_gateway_settings_read_the_keys_file_and_routing_flags(tmp_path: Path) -> None:
     import argparse
 
-    from kvmesh.cli.settings import SettingsError
+    from kvmesh.cli.options import SettingsError
 
     parser = argparse.ArgumentParser()
     add_options(parser, ROLE_OPTIONS["gateway"])
@@ -243,7 +244,7 @@ def test_gateway_settings_read_the_keys_file_and_routing_flags(tmp_path: Path) -
 def test_worker_settings_switch_prefix_caching_and_require_a_salt(tmp_path: Path) -> None:
     import argparse
 
-    from kvmesh.cli.settings import SettingsError
+    from kvmesh.cli.options import SettingsError
 
     parser = argparse.ArgumentParser()
     add_options(parser, ROLE_OPTIONS["decode"])

@@ -27,7 +27,7 @@ from kvmesh.mesh.convert import (
     worker_from_proto,
     worker_to_proto,
 )
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 from kvmesh.mesh.workers import WorkerInfo, WorkerLoad, WorkerRole
 from kvmesh.v1 import cache_store_pb2, common_pb2, prefill_pb2
 
@@ -139,7 +139,7 @@ def test_top_p_unset_is_one_and_stop_limits_are_the_servers() -> None:
     message = invalid_message(lambda: sampling_from_proto(stops, 64, 1024, max_stop_string_chars=2))
     assert "stop_strings[0] is 3 characters, more than the limit of 2" in message
     # The flags' defaults are convert's.
-    from kvmesh.cli.settings import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+    from kvmesh.cli.options import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
     from kvmesh.mesh.convert import DEFAULT_MAX_STOP_STRING_CHARS, DEFAULT_MAX_STOP_STRINGS
 
     assert (MAX_STOP_STRINGS.default, MAX_STOP_STRING_CHARS.default) == (

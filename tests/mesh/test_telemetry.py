@@ -20,14 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from kvmesh.mesh import telemetry
-from kvmesh.mesh.server import (
-    RunningServer,
-    ServerConfig,
-    ServiceError,
-    deadline_s,
-    start_server,
-    wait_for_serving,
-)
+from kvmesh.mesh.errors import ServiceError, deadline_s
+from kvmesh.mesh.server import RunningServer, ServerConfig, start_server, wait_for_serving
 from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name

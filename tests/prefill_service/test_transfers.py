@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from kvmesh.mesh.server import ServiceError
+from kvmesh.mesh.errors import ServiceError
 from prefill_service.transfers import Transfers
 
 
