@@ -106,6 +106,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 usage.prefilled_tokens = len(seq) - seq.num_cached_tokens
             self.num_waiting -= 1
             waiting = False
+            seq.priority = request.priority
             if request.draft_token_ids:
                 seq.cursor = DraftCursor.for_edit(list(request.draft_token_ids), prompt)
             elif request.prompt_lookup:
@@ -164,6 +165,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def _validate(self, request: decode_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
         prompt = list(request.prompt_token_ids)
         vocab = self._engine.config.vocab_size
+        if request.priority < 0:
+            raise invalid(f"priority must be >= 0 (0: a real request), got {request.priority}")
         if not prompt:
             raise invalid("prompt_token_ids is empty: send at least one token")
         if min(prompt) < 0 or max(prompt) >= vocab:

@@ -257,6 +257,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
         prompt_lookup: bool = False,
         block_hashes: BlockHashes | None = None,
+        priority: int = 0,
     ) -> ResumableGeneration:
         """Checks the prompt against the model's context and routes its first attempt (block_hashes: the
         prompt's, when the caller keeps them; retries hash their own, longer prompts)."""
@@ -283,6 +284,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             draft_token_ids=draft_token_ids,
             prompt_lookup=prompt_lookup,
             cache_salt=salt,
+            priority=priority,
         )
         span.set_attribute("kvmesh.request_id", request.request_id)
         if identity.tenant:

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 Source = common_pb2.UsageSource
 
+PREDICTION_PRIORITY = 1
+"""decode_pb2.GenerateRequest.priority of a predicted-ahead request: after every real one."""
+
 
 class SessionService:
     """Runs Gateway.Session streams over a GatewayServicer's layout, routing and streaming, and holds the
@@ -197,10 +200,17 @@ class EditorSession:
         self._serving = asyncio.create_task(self._serve(suggestion, typed, source, arrival_s))
 
     def _start(
-        self, document: SessionDocument, prefix: str, suffix: str, sampling: SamplingParams, arrival_s: float
+        self,
+        document: SessionDocument,
+        prefix: str,
+        suffix: str,
+        sampling: SamplingParams,
+        arrival_s: float,
+        priority: int = 0,
     ) -> Suggestion:
         """Lays out the prompt from the session's tokens (now: the document may change at the next
-        await), then routes it and pumps its chunks in the suggestion's task."""
+        await), then routes it and pumps its chunks in the suggestion's task. priority 1: a prediction,
+        which the decode worker's scheduler admits after and preempts before every real request."""
         gateway = self._gateway
         prefix_ids, suffix_ids = document.tokens_of(prefix, suffix)
         prompt = gateway.lay_out_window(
@@ -222,6 +232,7 @@ class EditorSession:
                     span,
                     self._context,
                     block_hashes=block_hashes,
+                    priority=priority,
                 )
 
         suggestion.task = asyncio.create_task(self._pump(suggestion, route, arrival_s))
@@ -253,7 +264,7 @@ class EditorSession:
         prefix = suggestion.prefix + suggestion.text
         try:
             self._prediction = self._start(
-                document, prefix, suggestion.suffix, self._sampling, time.perf_counter()
+                document, prefix, suggestion.suffix, self._sampling, time.perf_counter(), PREDICTION_PRIORITY
             )
         except ServiceError:
             return  # a prediction that does not fit the context is simply not made

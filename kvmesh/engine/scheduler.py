@@ -12,7 +12,11 @@ decode, then draft tokens for the decodes that speculate (edits, prompt lookup),
 running prompt still prefilling, then the prompts waiting to start. So a prompt prefilled here shares
 its pass with the running streams instead of stalling them for a whole chunk.
 
-When the pool cannot hold a running sequence's next tokens, the newest running sequence is preempted:
+Sequences with a lower `priority` value come first: a waiting real request is admitted before a waiting
+prediction, and a prediction is preempted before any real request.
+
+When the pool cannot hold a running sequence's next tokens, the newest running sequence of the least
+urgent priority is preempted:
 its blocks are freed (full ones stay findable by hash) and it goes back to the front of the waiting
 queue, to be recomputed from its prompt and output so far. Its output is unchanged: the recomputed
 logits are those of the same prefix, and its sampling generator is not reset.
@@ -60,7 +64,9 @@ class Scheduler:
         total = self.engine.pool.layout.num_blocks
         if needed > total:
             raise OutOfBlocks(needed, total)
-        self.waiting.append(seq)
+        # NOTE: FIFO within a priority: the new sequence goes after every one at least as urgent.
+        at = next((i for i, s in enumerate(self.waiting) if s.priority > seq.priority), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def remove(self, seq: Sequence) -> None:
         """Stop scheduling a sequence, wherever it is; its blocks stay its own."""
@@ -128,7 +134,7 @@ class Scheduler:
         last) until they fit. False when seq was preempted or failed instead."""
         target = seq.num_computed_tokens + num_tokens
         while not self.engine.can_reserve(seq, target):
-            victim = self.running[-1]
+            victim = self._victim()
             if victim is seq and len(self.running) == 1 and self._can_never_fit(seq, target):
                 self.running.remove(seq)
                 self.engine.free(seq)
@@ -139,6 +145,11 @@ class Scheduler:
                 return False
         self.engine.reserve(seq, target)
         return True
+
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: the newest of the least urgent priority."""
+        least_urgent = max(s.priority for s in self.running)
+        return next(s for s in reversed(self.running) if s.priority == least_urgent)
 
     def _can_never_fit(self, seq: Sequence, num_tokens: int) -> bool:
         """Even alone, with every other block free or evictable, seq's tokens would not fit."""
@@ -152,7 +163,9 @@ class Scheduler:
         batch.items = [item for item in batch.items if item.seq is not seq]
         self.engine.free(seq)
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # Back at the front of its priority: it was admitted before everything else waiting there.
+        at = next((i for i, s in enumerate(self.waiting) if s.priority >= seq.priority), len(self.waiting))
+        self.waiting.insert(at, seq)
         batch.preempted.append(seq)
 
     def _append_draft(self, seq: Sequence, budget: int) -> list[int]:

@@ -57,6 +57,8 @@ class Sequence:
         self.num_forward_passes = 0
         """Forward passes this sequence took part in, prefill chunks included."""
         self.num_preemptions = 0
+        self.priority = 0
+        """0: a real request; higher: less urgent (a prediction), admitted later and preempted first."""
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -223,3 +223,32 @@ def test_every_pass_respects_the_budget_and_every_output_equals_plain_decoding(
                 reference, seq.token_ids[: seq.num_prompt_tokens], seq.params
             )
     assert engine.pool_usage().num_blocks_used == 0
+
+
+def test_real_requests_are_admitted_before_predictions():
+    engine = make_engine()
+    scheduler = Scheduler(engine)
+    first, second, real = (engine.add_sequence(random_ids(5, seed=i), greedy(2)) for i in range(3))
+    first.priority = second.priority = 1
+    for seq in (first, second, real):
+        scheduler.add(seq)
+    assert list(scheduler.waiting) == [real, first, second]  # FIFO within a priority
+
+
+def test_a_prediction_is_preempted_before_a_real_request_even_when_it_is_older():
+    engine = make_engine(block_size=4, num_blocks=5, enable_prefix_caching=False)
+    scheduler = Scheduler(engine)
+    prediction = engine.add_sequence(random_ids(7, seed=1), greedy(8))
+    prediction.priority = 1
+    scheduler.add(prediction)
+    step(scheduler)
+    real = engine.add_sequence(random_ids(7, seed=2), greedy(8))
+    scheduler.add(real)
+    while not (batch := step(scheduler)[0]).preempted:
+        assert batch.items
+    # The pool ran out when the real request needed a block: the older prediction gave way.
+    assert batch.preempted == [prediction] and real in batch.seqs
+    expected = alone(make_engine(), prediction.token_ids[: prediction.num_prompt_tokens], prediction.params)
+    run_all(scheduler)
+    assert prediction.output_token_ids == expected
+    assert engine.pool_usage().num_blocks_used == 0
