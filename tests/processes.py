@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -38,7 +39,11 @@ class Role:
     def __init__(self, role: str, *args: str) -> None:
         command = [sys.executable, "-m", "kvmesh.cli", "serve", role, "--port", "0", *args]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
+        """The role's stderr: its log."""
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=ROOT
+        )
         self.role = role
         self.address = ""
         self._terminated = False
@@ -71,6 +76,17 @@ class Role:
                 self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+    def log_problems(self) -> list[str]:
+        """Lines of the role's log at ERROR or above, and tracebacks: none is expected from an event the
+        mesh is built to survive (a worker killed, a store restarted, a drain)."""
+        self.log.flush()
+        self.log.seek(0)
+        return [
+            line.rstrip()
+            for line in self.log
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+        ]
 
 
 def free_port() -> int:
@@ -156,6 +172,11 @@ class Mesh:
             role.signal(signal.SIGTERM)
         for role in order:
             role.stop()
+
+    def log_problems(self) -> dict[str, list[str]]:
+        """Each role's ERROR lines and tracebacks (see Role.log_problems); empty when all is quiet."""
+        problems = {name: role.log_problems() for name, role in self.roles.items()}
+        return {name: lines for name, lines in problems.items() if lines}
 
     def __enter__(self) -> Mesh:
         return self
