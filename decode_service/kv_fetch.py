@@ -11,12 +11,13 @@ import grpc
 from kvmesh.engine.engine import Engine
 from kvmesh.engine.kv_cache import num_blocks_for_tokens
 from kvmesh.engine.sequence import Sequence
-from kvmesh.mesh.convert import layout_to_proto
+from kvmesh.mesh.convert import cuda_export_to_proto, layout_to_proto
 from kvmesh.mesh.errors import ServiceError
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.transport.base import TransferError
 from kvmesh.transport.collective import CollectiveReceiver, PeerLost, PendingTransfer
+from kvmesh.transport.cuda_ipc import ExportedKVPool
 from kvmesh.transport.grpc_stream import KVChunk, KVChunkReceiver
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
@@ -36,15 +37,18 @@ class PrefillClient:
         *,
         tls: TLSConfig | None = None,
         collective: CollectiveReceiver | None = None,
+        exported_pool: ExportedKVPool | None = None,
         layerwise: bool = True,
     ) -> None:
         """shared_pool: the engine's pool in shared memory, when this worker offers "shm". tls: this
         worker's mesh identity for its channels to prefill workers; None: plaintext. collective: the
-        receiver of "nccl" transfers (its rendezvous store), when this worker offers it. layerwise: ask
+        receiver of "nccl" transfers (its rendezvous store), when this worker offers it. exported_pool:
+        the engine's pool exported over CUDA IPC, when this worker offers "cuda_ipc". layerwise: ask
         prefill workers to ship each layer as soon as the prompt's last chunk computed it."""
         self._engine = engine
         self._shared_pool = shared_pool
         self._collective = collective
+        self._exported_pool = exported_pool
         self.layerwise = layerwise
         self._host_id = host_id
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -102,6 +106,13 @@ class PrefillClient:
                 raise ServiceError(grpc.StatusCode.INTERNAL, "transport 'shm' without a shared-memory pool")
             signed = self._shared_pool.destination(request.request_id, block_ids, self._host_id, timeout_s)
             destination.shm_name = signed.shm_name
+            destination.grant = signed.grant
+            destination.grant_expires_unix_ms = signed.grant_expires_unix_ms
+        if request.transport == "cuda_ipc":
+            if self._exported_pool is None:
+                raise ServiceError(grpc.StatusCode.INTERNAL, "transport 'cuda_ipc' without an exported pool")
+            signed = self._exported_pool.destination(request.request_id, block_ids, self._host_id, timeout_s)
+            destination.cuda_ipc.CopyFrom(cuda_export_to_proto(self._exported_pool.export))
             destination.grant = signed.grant
             destination.grant_expires_unix_ms = signed.grant_expires_unix_ms
         call = self._stub(request.prefill_address).Prefill(

@@ -37,6 +37,7 @@ from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
 from kvmesh.mesh.workers import WorkerLoad, WorkerRole
 from kvmesh.transport.collective import CollectiveReceiver
+from kvmesh.transport.cuda_ipc import ExportedKVPool
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -77,7 +78,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         except ValueError as error:
             raise invalid(f"prompt_token_ids: {error}") from error
         usage = common_pb2.Usage(prompt_tokens=len(seq), cached_tokens=seq.num_cached_tokens)
-        writer = ""  # transfer_id of a shm transfer whose prefill worker may still write into seq's blocks
+        writer = ""  # transfer_id of a push transfer whose prefill worker may still write into seq's blocks
         self.num_waiting += 1
         waiting = True
         try:
@@ -91,7 +92,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 ) from error
             if request.prefill_address and seq.num_cached_tokens < len(seq) - 1:
                 transfer_id = uuid.uuid4().hex
-                writer = transfer_id if request.transport == "shm" else ""
+                # NOTE: shm and cuda_ipc write into this pool from the prefill worker's process.
+                writer = transfer_id if request.transport in ("shm", "cuda_ipc") else ""
                 done = await self._prefill.fetch(request, seq, deadline_s(context), transfer_id)
                 writer = ""  # the prefill worker has finished writing
                 seq.num_computed_tokens = len(seq) - 1
@@ -224,17 +226,30 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 async def serve(config: DecodeConfig) -> RunningServer:
     """Load the model, start the decode loop and the server, join the mesh, report SERVING."""
+    offered = config.registration.transports
+    if "shm" in offered and "cuda_ipc" in offered:
+        raise ValueError(
+            "transports shm and cuda_ipc exclude each other on a decode worker: its KV pool is either in host "
+            "shared memory (shm, CPU workers) or on the GPU (cuda_ipc)"
+        )
     shared: list[SharedKVPool] = []
+    exported: list[ExportedKVPool] = []
 
     def shared_storage(layout: KVLayout) -> torch.Tensor:
         pool, handle = SharedKVPool.create(layout)
         shared.append(handle)
         return pool.kv
 
-    engine = load_engine(config.model, shared_storage if "shm" in config.registration.transports else None)
+    def exported_storage(layout: KVLayout) -> torch.Tensor:
+        # Raises CudaIpcUnavailable (a clear message) for a worker on the CPU or without CUDA.
+        pool, handle = ExportedKVPool.create(layout, config.model.device)
+        exported.append(handle)
+        return pool.kv
+
+    make_storage = exported_storage if "cuda_ipc" in offered else shared_storage if "shm" in offered else None
+    engine = load_engine(config.model, make_storage)
     engine.generate([1, 2, 3], 2, ignore_eos=True)  # warm-up: the first forward pass is the slowest
     loop = EngineLoop(engine)
-    offered = config.registration.transports
     collective = (
         CollectiveReceiver(engine.pool, config.registration.advertise_host) if "nccl" in offered else None
     )
@@ -244,6 +259,7 @@ async def serve(config: DecodeConfig) -> RunningServer:
         config.registration.host_id,
         tls=config.server.tls,
         collective=collective,
+        exported_pool=exported[0] if exported else None,
     )
     servicer = DecodeServicer(engine, loop, prefill, config)
     running = await start_server(

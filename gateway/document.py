@@ -1,10 +1,10 @@
 """A session's document at the gateway: its text, token ids and block hashes, kept up to date per change.
 
-Incremental tokenization rests on safe points: a position just after "\\n" whose character is not
-whitespace. A byte-level BPE pre-tokenizer (GPT-2, Qwen and the like) never lets a token span one, so
-the tokens of a text are the tokens of its pieces between safe points, concatenated. A text is held as
-such pieces (merged to at least MIN_PIECE_CHARS); a change re-encodes only the pieces it touches, plus
-one on either side (a change can make or unmake the safe point between two pieces). A tokenizer for
+Incremental tokenization rests on safe points: a position just after a "\\n" that has no whitespace on
+either side (x\\n|y). A byte-level BPE pre-tokenizer (GPT-2, Qwen and the like) never lets a token span
+one, so the tokens of a text are the tokens of its pieces between safe points, concatenated. A text is
+held as such pieces (merged to at least MIN_PIECE_CHARS); a change re-encodes only the pieces it touches,
+and their neighbours when it unmade the safe point between them. A tokenizer for
 which the probe in `splits_at_safe_points` fails is encoded whole every time: slower, never wrong.
 
 Block hashes chain (kvmesh.engine.block_hash), so a change re-hashes only the blocks from the first
@@ -20,7 +20,12 @@ from kvmesh.engine.tokenizer import Tokenizer
 
 MIN_PIECE_CHARS = 256
 """Pieces are at least this long (but the last): fewer pieces to walk, little more to re-encode."""
-_PROBES = ("a\nb", "x = 1\n\ndef f():\n    return x\n", "}\n)\n  \n.\n'a'\n#b\n")
+_PROBES = (
+    "a\nb",
+    "x = 1\n\ndef f():\n    return x\n",
+    "}\n)\n  \n.\n'a'\n#b\n",
+    "class A:\n    def f(self):\n        return 1\n\n    x = (2,\n      3)\n  # c\n   .d\n    'e'\n",
+)
 
 
 def splits_at_safe_points(tokenizer: Tokenizer) -> bool:
@@ -49,12 +54,30 @@ def split_pieces(text: str, min_chars: int = MIN_PIECE_CHARS) -> list[str]:
     return pieces
 
 
+def _is_safe_point(text: str, at: int) -> bool:
+    """Whether a cut at `at` (0 < at < len(text)) is a safe point (see _next_safe_point)."""
+    if text[at - 1] == "\n":
+        return not text[at].isspace() and (at == 1 or not text[at - 2].isspace())
+    return text[at] == " " and text[at - 1] == " " and at + 1 < len(text) and not text[at + 1].isspace()
+
+
 def _next_safe_point(text: str, at: int) -> int:
-    """The first safe point at or after `at`, -1 when none."""
+    """The first safe point at or after `at`, -1 when none. Safe points: after a "\\n" with no whitespace
+    on either side (x\\n|y), and before the last space of an indentation that has at least two (\\n   | y).
+
+    NOTE: whitespace before a "\\n" would join it in one pre-token at a piece's end ("\\n\\n", " \\n",
+    "\\r\\n"), where the whole text splits it ("\\n" "\\n" before a word); and the space right before a
+    word is that word's (" y"): the cuts avoid both."""
     newline = text.find("\n", at - 1)
     while 0 <= newline < len(text) - 1:
-        if not text[newline + 1].isspace():
-            return newline + 1
+        cut = newline + 1
+        if _is_safe_point(text, cut) and cut >= at:
+            return cut
+        word = cut
+        while word < len(text) and text[word] == " ":
+            word += 1
+        if word - cut >= 2 and word < len(text) and not text[word].isspace() and word - 1 >= at:
+            return word - 1
         newline = text.find("\n", newline + 1)
     return -1
 
@@ -95,11 +118,11 @@ class TokenizedText:
         ):
             last -= 1
             end -= len(pieces[last])
-        # One more on each side: the change may have made or unmade the safe point at either edge.
-        if first > 0:
+        # A change next to an edge may have unmade its safe point: then the neighbour is re-encoded too.
+        while first > 0 and not _is_safe_point(text, start):
             first -= 1
             start -= len(pieces[first])
-        if last < len(pieces):
+        while last < len(pieces) and not _is_safe_point(text, end):
             end += len(pieces[last])
             last += 1
         self._replace(first, last, text[start:end])

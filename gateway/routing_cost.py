@@ -32,12 +32,20 @@ from kvmesh.mesh.workers import WorkerInfo
 TRANSPORT_CHOICES = ("auto", "shm", "grpc")
 
 
+_SAME_HOST_TRANSPORTS = ("cuda_ipc", "shm")
+"""Transports that write into the destination's memory, so only between workers of one host, best first."""
+
+
 def choose_transport(prefill_worker: WorkerInfo, decode_worker: WorkerInfo) -> str:
-    """KV transport for a pair of workers: "shm" when both offer it on the same host, else "grpc"."""
+    """KV transport for a pair of workers, the first that both offer of: on one host, "cuda_ipc" (GPU
+    pools, device to device) then "shm" (CPU pools); on any hosts, "nccl" (its gloo twin for CPU pools);
+    else "grpc", which every worker offers."""
+    both = set(prefill_worker.transports) & set(decode_worker.transports)
     same_host = bool(prefill_worker.host_id) and prefill_worker.host_id == decode_worker.host_id
-    if same_host and "shm" in prefill_worker.transports and "shm" in decode_worker.transports:
-        return "shm"
-    return "grpc"
+    for transport in _SAME_HOST_TRANSPORTS:
+        if same_host and transport in both:
+            return transport
+    return "nccl" if "nccl" in both else "grpc"
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class RoutingConfig:
     use_prefill_min_tokens: int = 0
     """Prompts shorter than this many tokens never use a prefill worker."""
     transport: str = "auto"
-    """"auto" (shm on the same host, else grpc), "shm" (only same-host prefill workers) or "grpc"."""
+    """"auto" (choose_transport: cuda_ipc or shm on one host, else nccl, else grpc), "shm" (only
+    same-host prefill workers, over shm) or "grpc"."""
 
     def __post_init__(self) -> None:
         if self.disagg_min_tokens < 0:

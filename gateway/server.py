@@ -63,7 +63,10 @@ def _no_decode_worker() -> ServiceError:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """kvmesh.v1.Gateway: authentication, prompt layout, routing and streaming, over a WorkerPool."""
+    """kvmesh.v1.Gateway: authentication, prompt layout, routing and streaming, over a WorkerPool.
+
+    Editor sessions (gateway.session_service) use its public part: tokenizer, layout, tracer,
+    authenticate, sampling_params, lay_out_window, start_generation and stream."""
 
     def __init__(
         self,
@@ -78,10 +81,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._pool = pool
         self._router = router
         self._authenticator = authenticator
-        self._tokenizer = tokenizer
-        self._layout = PromptLayout(tokenizer)
+        self.tokenizer = tokenizer
+        self.layout = PromptLayout(tokenizer)
         self._model_config = model_config
-        self._tracer = tracer(__name__)
+        self.tracer = tracer(__name__)
         self._sessions = SessionService(self, config)
         gateway_meter = meter(__name__)
         self._ttft_s = gateway_meter.create_histogram(
@@ -95,11 +98,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.CompleteRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
         arrival_s = time.perf_counter()
-        identity = self._authenticate(context)
+        identity = self.authenticate(context)
         self._check_size(request.ByteSize())
-        sampling = self._sampling(request.sampling)
+        sampling = self.sampling_params(request.sampling)
         prefix, suffix = _cursor_text(request)
-        with self._tracer.start_as_current_span("route") as span:
+        with self.tracer.start_as_current_span("route") as span:
             num_chars = len(prefix) + len(suffix) + len(request.context)
             prompt = await self._tokenize(
                 lambda: self._lay_out_completion(prefix, suffix, request.context, sampling.max_new_tokens),
@@ -107,11 +110,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
             span.set_attribute("kvmesh.prefix_tokens_dropped", prompt.num_prefix_tokens_dropped)
             span.set_attribute("kvmesh.suffix_tokens_dropped", prompt.num_suffix_tokens_dropped)
-            generation = await self._start(
+            generation = await self.start_generation(
                 prompt.token_ids, [], sampling, identity, span, context, prompt_lookup=request.prompt_lookup
             )
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
-        async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
+        async with aclosing(self.stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -129,9 +132,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.EditRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.CompletionChunk]:
         arrival_s = time.perf_counter()
-        identity = self._authenticate(context)
+        identity = self.authenticate(context)
         self._check_size(request.ByteSize())
-        sampling = self._sampling(request.sampling)
+        sampling = self.sampling_params(request.sampling)
         if not request.original:
             raise invalid("original is empty: send the code to rewrite")
         if len(request.snippet) > self._config.max_snippet_chars:
@@ -140,16 +143,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 f"{self._config.max_snippet_chars} (max_snippet_chars): send only the changed region, with "
                 '"... existing code ..." markers for what stays'
             )
-        with self._tracer.start_as_current_span("route") as span:
+        with self.tracer.start_as_current_span("route") as span:
             num_chars = len(request.original) + len(request.snippet)
             prompt = await self._tokenize(
-                lambda: self._layout.edit(request.original, request.snippet), num_chars
+                lambda: self.layout.edit(request.original, request.snippet), num_chars
             )
             sampling = self._fit_edit(prompt, request.sampling.max_tokens, sampling)
             draft = prompt.draft_token_ids if request.speculative else []
-            generation = await self._start(prompt.token_ids, draft, sampling, identity, span, context)
+            generation = await self.start_generation(
+                prompt.token_ids, draft, sampling, identity, span, context
+            )
         # aclosing: a client that goes away closes the chain down to the downstream call at once.
-        async with aclosing(self._stream(generation, arrival_s, "text_completion")) as chunks:
+        async with aclosing(self.stream(generation, arrival_s, "text_completion")) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -179,7 +184,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         max_new_tokens = min(context_tokens - num_prompt, num_original + EDIT_SLACK_TOKENS)
         return dataclasses.replace(sampling, max_new_tokens=max_new_tokens)
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
+        """The caller's identity (tenant, cache salt); raises UNAUTHENTICATED for a missing or unknown key."""
         # NOTE: any cache salt the client sends (x-kvmesh-cache-salt or otherwise) is never read: the
         # salt comes from the authenticated identity alone.
         return self._authenticator.authenticate(context.invocation_metadata() or ())
@@ -188,7 +194,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, prefix: str, suffix: str, context: str, max_tokens: int
     ) -> CompletionPrompt:
         return self.lay_out_window(
-            lambda **limits: self._layout.completion_window(prefix, suffix, context, **limits), max_tokens
+            lambda **limits: self.layout.completion_window(prefix, suffix, context, **limits), max_tokens
         )
 
     def lay_out_window(self, window: Callable[..., CompletionPrompt], max_tokens: int) -> CompletionPrompt:
@@ -222,7 +228,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "send less code or context"
             )
 
-    def _sampling(self, sampling: common_pb2.SamplingParams) -> SamplingParams:
+    def sampling_params(self, sampling: common_pb2.SamplingParams) -> SamplingParams:
         """The client's sampling, checked (SamplingParams checks the values; the limits here are this
         gateway's and its model's) and with defaults filled in."""
         params = sampling_from_proto(
@@ -247,7 +253,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return await asyncio.to_thread(lay_out)
         return lay_out()
 
-    async def _start(
+    async def start_generation(
         self,
         token_ids: list[int],
         draft_token_ids: list[int],
@@ -260,7 +266,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         priority: int = 0,
     ) -> ResumableGeneration:
         """Checks the prompt against the model's context and routes its first attempt (block_hashes: the
-        prompt's, when the caller keeps them; retries hash their own, longer prompts)."""
+        prompt's, when the caller keeps them; retries hash their own, longer prompts). priority: the decode
+        scheduler's (0 real, 1 a prediction). Raises INVALID_ARGUMENT for a prompt too long, UNAVAILABLE
+        with no decode worker. Nothing runs downstream until the result's chunks are read (stream)."""
         context_tokens = self._model_config.max_position_embeddings
         limit = context_tokens - sampling.max_new_tokens
         if len(token_ids) > limit:
@@ -295,15 +303,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             first.route,
             plan,
             self._pool,
-            self._tokenizer,
+            self.tokenizer,
             eos_token_ids=self._model_config.eos_token_ids,
             timeout_s=self._config.request_timeout_s if remaining_s is None else remaining_s,
             max_attempts=self._config.max_attempts,
         )
 
-    async def _stream(
+    async def stream(
         self, generation: ResumableGeneration, arrival_s: float, operation: str
     ) -> AsyncGenerator[gateway_pb2.CompletionChunk, None]:
+        """The generation's chunks as the API sends them; the last carries usage with the route stage and
+        TTFT measured from arrival_s. Closing it cancels the downstream call on every hop."""
         route_ms = (time.perf_counter() - arrival_s) * 1000.0
         ttft_ms: float | None = None
         attributes = {"gen_ai.operation.name": operation}

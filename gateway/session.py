@@ -136,6 +136,10 @@ class Suggestion:
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     usage: common_pb2.Usage | None = None
     error: BaseException | None = None
+    num_tokens: int = 0
+    """Tokens generated so far (what the model computed for it, past its prompt)."""
+    wasted: str = ""
+    """Why it was dropped unused ("superseded", "prediction"); "" while it is or was used."""
     task: asyncio.Task[None] | None = None
     """Pumps the generation's chunks into this suggestion; cancelling it cancels the downstream call."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -143,6 +147,7 @@ class Suggestion:
 
     def add(self, chunk: gateway_pb2.CompletionChunk) -> None:
         self.text += chunk.text
+        self.num_tokens += len(chunk.token_ids)
         self.chunks.append(chunk)
         if chunk.HasField("usage"):
             self.usage = chunk.usage

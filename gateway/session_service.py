@@ -11,6 +11,9 @@ stream back through one queue, each reply tagged with the version and completion
   accepted; a completion after the accept finds it running or done. A change that is not typing into the
   last suggestion cancels it.
 - Closing the stream (or the client going away) cancels every task and call the session started.
+
+A model call and the sending of a suggestion's chunks: gateway.session_serving; counters (wasted tokens
+among them): gateway.session_metrics.
 """
 
 from __future__ import annotations
@@ -18,20 +21,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 
 from gateway.config import GatewayConfig
-from gateway.generation import ResumableGeneration
 from gateway.session import SessionDocument, Suggestion, offset_of
+from gateway.session_metrics import SessionMetrics
+from gateway.session_serving import serve_chunks, start_model_call
 from gateway.tenancy import Identity
 from kvmesh.engine.sampling import SamplingParams
 from kvmesh.mesh.errors import ServiceError, invalid
-from kvmesh.mesh.telemetry import meter
 from kvmesh.v1 import common_pb2, gateway_pb2
 
 if TYPE_CHECKING:
@@ -48,26 +50,17 @@ class SessionService:
     per-tenant session counts."""
 
     def __init__(self, gateway: GatewayServicer, config: GatewayConfig) -> None:
-        self._gateway = gateway
-        self._config = config
+        self.gateway = gateway
+        self.config = config
+        self.metrics = SessionMetrics()
         self._open_by_tenant: Counter[str] = Counter()
-        session_meter = meter(__name__)
-        self.suggestions = session_meter.create_counter(
-            "kvmesh.session.suggestions", description="Suggestions served in sessions, by source and tenant"
-        )
-        self.superseded = session_meter.create_counter(
-            "kvmesh.session.superseded", description="Session completions superseded by a newer one"
-        )
-        self.predictions = session_meter.create_counter(
-            "kvmesh.session.predictions", description="Predict-ahead requests, by outcome (used, wasted)"
-        )
 
     async def run(
         self, requests: AsyncIterator[gateway_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.SessionReply]:
-        identity = self._gateway._authenticate(context)
+        identity = self.gateway.authenticate(context)
         tenant = identity.tenant or ""
-        if self._open_by_tenant[tenant] >= self._config.max_sessions_per_tenant:
+        if self._open_by_tenant[tenant] >= self.config.max_sessions_per_tenant:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this tenant has {self._open_by_tenant[tenant]} sessions open, the limit "
@@ -98,7 +91,8 @@ class EditorSession:
         self, service: SessionService, identity: Identity, context: grpc.aio.ServicerContext
     ) -> None:
         self._service = service
-        self._gateway = service._gateway
+        self._gateway = service.gateway
+        self._metrics = service.metrics
         self._identity = identity
         self._context = context
         self._attributes = {"kvmesh.tenant": identity.tenant or ""}
@@ -118,7 +112,7 @@ class EditorSession:
     async def read(self, requests: AsyncIterator[gateway_pb2.SessionRequest]) -> None:
         """Handles requests until the client half-closes (then the current suggestion is finished and the
         stream ends) or an error ends the session (it goes to the reply queue)."""
-        idle_s = self._service._config.session_idle_timeout_s
+        idle_s = self._service.config.session_idle_timeout_s
         iterator = aiter(requests)
         try:
             while True:
@@ -151,29 +145,29 @@ class EditorSession:
             self.document.apply(request.change)
             self._check_prediction()
         elif action == "complete":
-            await self._complete(request.complete, self.document)
+            self._complete(request.complete, self.document)
         else:
             self._accept(request.accept, self.document)
 
     def _open(self, request: gateway_pb2.SessionOpen) -> None:
         if self.document is not None:
             raise invalid("open was sent twice: a session holds one document; open another session")
-        limit = self._service._config.max_document_chars
+        limit = self._service.config.max_document_chars
         for name, text in (("open.text", request.text), ("open.context", request.context)):
             if len(text) > limit:
                 raise invalid(
                     f"{name} is {len(text)} characters, more than the limit of {limit} "
                     "(max_document_chars): send a smaller document"
                 )
-        context_ids = self._gateway._layout.encode(request.context)
-        self.document = SessionDocument(self._gateway._tokenizer, request.text, context_ids, limit)
+        context_ids = self._gateway.layout.encode(request.context)
+        self.document = SessionDocument(self._gateway.tokenizer, request.text, context_ids, limit)
         self._predict_ahead = request.predict_ahead
 
-    async def _complete(self, request: gateway_pb2.SessionComplete, document: SessionDocument) -> None:
+    def _complete(self, request: gateway_pb2.SessionComplete, document: SessionDocument) -> None:
         arrival_s = time.perf_counter()
         document.check_current(request.version, "complete.version")
         cursor = offset_of(document.text, request.line, request.column, "complete.")
-        sampling = self._gateway._sampling(request.sampling)
+        sampling = self._gateway.sampling_params(request.sampling)
         prefix, suffix = document.text[:cursor], document.text[cursor:]
         self._supersede()
         source, typed = Source.USAGE_SOURCE_MODEL, 0
@@ -184,88 +178,58 @@ class EditorSession:
         ):
             if candidate is not None and candidate.error is None:
                 found = candidate.typed_into(prefix, suffix)
-                if found is not None and not (found == len(candidate.text) and candidate.done):
+                # NOTE: a finished suggestion typed in full has nothing left to serve; an empty one that
+                # answers this very cursor (found == 0) is still the answer.
+                if found is not None and not (0 < found == len(candidate.text) and candidate.done):
                     suggestion, source, typed = candidate, candidate_source, found
                     break
         if suggestion is self._prediction and suggestion is not None:
-            self._service.predictions.add(1, {**self._attributes, "outcome": "used"})
+            self._metrics.prediction(self._attributes, "used")
             self._prediction = None
         if suggestion is None:
-            self._cancel(self._last)
+            if self._last is not None and not self._last.done:
+                self._drop(self._last, "superseded")  # cut before its end, and not typed into
             self._drop_prediction()
-            suggestion = self._start(document, prefix, suffix, sampling, arrival_s)
+            suggestion = self._start((prefix, suffix), sampling, arrival_s, "completion")
         self._sampling = sampling
         self._last, self._last_typed, self._last_version = suggestion, typed, request.version
         self._serving_id = (request.version, request.completion_id)
         self._serving = asyncio.create_task(self._serve(suggestion, typed, source, arrival_s))
 
     def _start(
-        self,
-        document: SessionDocument,
-        prefix: str,
-        suffix: str,
-        sampling: SamplingParams,
-        arrival_s: float,
-        priority: int = 0,
+        self, cursor: tuple[str, str], sampling: SamplingParams, arrival_s: float, kind: str
     ) -> Suggestion:
-        """Lays out the prompt from the session's tokens (now: the document may change at the next
-        await), then routes it and pumps its chunks in the suggestion's task. priority 1: a prediction,
-        which the decode worker's scheduler admits after and preempts before every real request."""
-        gateway = self._gateway
-        prefix_ids, suffix_ids = document.tokens_of(prefix, suffix)
-        prompt = gateway.lay_out_window(
-            lambda **limits: gateway._layout.completion_window_ids(
-                document.context_ids, prefix_ids, suffix_ids, **limits
-            ),
-            sampling.max_new_tokens,
+        """A model call at cursor (prefix, suffix); kind "prediction" runs at PREDICTION_PRIORITY, which
+        the decode worker's scheduler admits after and preempts before every real request."""
+        assert self.document is not None
+        priority = PREDICTION_PRIORITY if kind == "prediction" else 0
+        suggestion = start_model_call(
+            self._gateway,
+            self.document,
+            self._identity,
+            self._context,
+            cursor,
+            sampling,
+            arrival_s,
+            priority,
+            self._ended,
         )
-        block_hashes = document.block_hashes(prompt.token_ids, self._identity.cache_salt)
-        suggestion = Suggestion(prefix, suffix)
-
-        async def route() -> ResumableGeneration:
-            with gateway._tracer.start_as_current_span("route") as span:
-                return await gateway._start(
-                    prompt.token_ids,
-                    [],
-                    sampling,
-                    self._identity,
-                    span,
-                    self._context,
-                    block_hashes=block_hashes,
-                    priority=priority,
-                )
-
-        suggestion.task = asyncio.create_task(self._pump(suggestion, route, arrival_s))
+        self._metrics.model_call(self._attributes, kind)
         return suggestion
 
-    async def _pump(
-        self, suggestion: Suggestion, route: Callable[[], Awaitable[ResumableGeneration]], arrival_s: float
-    ) -> None:
-        try:
-            generation = await route()
-            async with aclosing(self._gateway._stream(generation, arrival_s, "text_completion")) as chunks:
-                async for chunk in chunks:
-                    suggestion.add(chunk)
-        except asyncio.CancelledError:
-            suggestion.end()
-            raise
-        except Exception as error:  # noqa: BLE001 - handed to whoever serves the suggestion
-            suggestion.end(error)
-            return
-        suggestion.end()
-        if self._predict_ahead and suggestion is self._last and suggestion.text:
+    def _ended(self, suggestion: Suggestion) -> None:
+        self._metrics.ended(self._attributes, suggestion)
+        finished = suggestion.usage is not None and not suggestion.wasted
+        if finished and self._predict_ahead and suggestion is self._last and suggestion.text:
             self._predict(suggestion)
 
     def _predict(self, suggestion: Suggestion) -> None:
         """Starts the next suggestion as if this one were accepted (at most one per session)."""
-        document = self.document
-        if document is None or self._sampling is None or self._prediction is not None:
+        if self.document is None or self._sampling is None or self._prediction is not None:
             return
-        prefix = suggestion.prefix + suggestion.text
+        cursor = (suggestion.prefix + suggestion.text, suggestion.suffix)
         try:
-            self._prediction = self._start(
-                document, prefix, suggestion.suffix, self._sampling, time.perf_counter(), PREDICTION_PRIORITY
-            )
+            self._prediction = self._start(cursor, self._sampling, time.perf_counter(), "prediction")
         except ServiceError:
             return  # a prediction that does not fit the context is simply not made
 
@@ -284,9 +248,19 @@ class EditorSession:
 
     def _drop_prediction(self) -> None:
         if self._prediction is not None:
-            self._service.predictions.add(1, {**self._attributes, "outcome": "wasted"})
-            self._cancel(self._prediction)
+            self._metrics.prediction(self._attributes, "wasted")
+            self._drop(self._prediction, "prediction")
             self._prediction = None
+
+    def _drop(self, suggestion: Suggestion, reason: str) -> None:
+        """The suggestion will never be served: cancel its model call; its tokens count as wasted (when
+        its call ends, or now if it has)."""
+        if suggestion.wasted:
+            return
+        suggestion.wasted = reason
+        if suggestion.task is not None and suggestion.task.done():
+            self._metrics.wasted_after_end(self._attributes, suggestion)
+        suggestion.cancel()
 
     def _accept(self, request: gateway_pb2.SessionAccept, document: SessionDocument) -> None:
         document.check_next(request.version, "accept.version")
@@ -308,62 +282,33 @@ class EditorSession:
         self.replies.put_nowait(
             gateway_pb2.SessionReply(version=version, completion_id=completion_id, superseded=True)
         )
-        self._service.superseded.add(1, self._attributes)
-
-    def _cancel(self, suggestion: Suggestion | None) -> None:
-        if suggestion is not None:
-            suggestion.cancel()
+        self._metrics.superseded(self._attributes)
 
     async def _serve(self, suggestion: Suggestion, typed: int, source: int, arrival_s: float) -> None:
-        """Streams the suggestion's chunks past the `typed` characters; the last carries usage.source. An
+        """Streams the suggestion past the `typed` characters as replies to the current completion. An
         error ends the session with its status."""
+        version, completion_id = self._serving_id
+
+        def send(chunk: gateway_pb2.CompletionChunk) -> None:
+            reply = gateway_pb2.SessionReply(version=version, completion_id=completion_id, chunk=chunk)
+            self.replies.put_nowait(reply)
+
         try:
-            await self._serve_chunks(suggestion, typed, source, arrival_s)
+            if await serve_chunks(suggestion, typed, source, arrival_s, send):
+                self._metrics.served(self._attributes, source)
         except Exception as error:  # noqa: BLE001 - the RPC ends with its status (ErrorInterceptor)
             self.replies.put_nowait(error)
 
-    async def _serve_chunks(self, suggestion: Suggestion, typed: int, source: int, arrival_s: float) -> None:
-        version, completion_id = self._serving_id
-        route_ms = (time.perf_counter() - arrival_s) * 1000.0
-        next_chunk, skip = 0, typed
-        while True:
-            while next_chunk < len(suggestion.chunks):
-                chunk = gateway_pb2.CompletionChunk()
-                chunk.CopyFrom(suggestion.chunks[next_chunk])
-                next_chunk += 1
-                if skip:
-                    cut = min(skip, len(chunk.text))
-                    skip -= cut
-                    # Tokens are not cut at a character: a chunk served in part carries its text only.
-                    chunk.text = chunk.text[cut:]
-                    del chunk.token_ids[:]
-                if source != Source.USAGE_SOURCE_MODEL and chunk.HasField("usage"):
-                    # Computed earlier: what this request waited is the gateway's time alone.
-                    usage = common_pb2.Usage(source=source, ttft_ms=route_ms)
-                    usage.stage_ms.route_ms = route_ms
-                    chunk.usage.CopyFrom(usage)
-                elif chunk.HasField("usage"):
-                    chunk.usage.source = source
-                reply = gateway_pb2.SessionReply(version=version, completion_id=completion_id, chunk=chunk)
-                self.replies.put_nowait(reply)
-                if chunk.HasField("usage"):
-                    self._service.suggestions.add(
-                        1, {**self._attributes, "source": Source.Name(source)[len("USAGE_SOURCE_") :]}
-                    )
-                    return
-            if suggestion.done:
-                if suggestion.error is not None:
-                    raise suggestion.error
-                return
-            await suggestion.changed.wait()
-
     async def close(self) -> None:
-        """Cancels everything the session started and waits for it to stop."""
+        """Cancels everything the session started and waits for it to stop; a prediction never used is
+        wasted."""
         tasks = [self._serving]
         for suggestion in (self._last, self._prediction):
             if suggestion is not None:
-                suggestion.cancel()
                 tasks.append(suggestion.task)
+        self._drop_prediction()
+        if self._last is not None:
+            self._last.cancel()
         pending = [task for task in tasks if task is not None]
         for task in pending:
             task.cancel()

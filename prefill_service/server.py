@@ -1,8 +1,8 @@
 """gRPC edge of the prefill worker: kvmesh.v1.Prefill over an engine.
 
 Prefill computes a prompt's KV in this worker's own pool, a chunk per forward pass, then ships the
-blocks to the decode worker's reserved blocks: written straight into its shared-memory pool ("shm"),
-sent over the pair's process group ("nccl", gloo on CPU), or streamed back as checksummed chunks
+blocks to the decode worker's reserved blocks: written straight into its shared-memory pool ("shm")
+or, device to device, into its exported GPU pool ("cuda_ipc"), sent over the pair's process group ("nccl", gloo on CPU), or streamed back as checksummed chunks
 ("grpc"). With `destination.layerwise`, each layer leaves as soon as the last chunk computed it. Prompts are computed by the engine loop's scheduler,
 several per forward pass within its token budget; a cancelled request leaves at the next pass boundary,
 and its blocks are freed there.
@@ -22,7 +22,7 @@ from kvmesh.engine.engine import Engine
 from kvmesh.engine.kv_cache import OutOfBlocks, num_blocks_for_tokens
 from kvmesh.engine.loop import EngineLoop
 from kvmesh.engine.sequence import Sequence
-from kvmesh.mesh.convert import layout_from_proto
+from kvmesh.mesh.convert import cuda_export_from_proto, layout_from_proto
 from kvmesh.mesh.errors import ServiceError, invalid, never_fits
 from kvmesh.mesh.registration import join_mesh, worker_info
 from kvmesh.mesh.server import RunningServer, start_server
@@ -32,6 +32,8 @@ from kvmesh.mesh.worker_metrics import register_worker_metrics
 from kvmesh.mesh.workers import WorkerLoad, WorkerRole
 from kvmesh.transport.base import KVDestination, KVSender, LayerReady, TransferError
 from kvmesh.transport.collective import CollectiveSender
+from kvmesh.transport.cuda_export import require_cuda
+from kvmesh.transport.cuda_ipc import CudaIpcSender
 from kvmesh.transport.grant import GrantError
 from kvmesh.transport.grpc_stream import KVChunk, KVChunkEncoder, iter_chunks
 from kvmesh.transport.layerwise import LayerProgress, LayerWatch
@@ -53,9 +55,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         offered = config.registration.transports
         self._shm = ShmSender() if "shm" in offered else None
         self._collective = CollectiveSender() if "nccl" in offered else None
+        self._cuda_ipc: CudaIpcSender | None = None
+        if "cuda_ipc" in offered:
+            require_cuda(engine.device, "this prefill worker's KV pool")  # refuse to start, say why
+            self._cuda_ipc = CudaIpcSender()
         self._senders: dict[str, KVSender] = {}
         if self._shm is not None:
             self._senders["shm"] = self._shm
+        if self._cuda_ipc is not None:
+            self._senders["cuda_ipc"] = self._cuda_ipc
         if self._collective is not None:
             self._senders["nccl"] = self._collective
         self._transfers = Transfers()
@@ -148,8 +156,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise invalid(
                 f"destination.transport {spec.transport!r} is not offered here (offered: {', '.join(offered)})"
             )
-        if spec.transport == "shm" and spec.host_id != self._config.registration.host_id:
-            raise invalid("destination.transport 'shm' needs the decode worker on this prefill worker's host")
+        if spec.transport in ("shm", "cuda_ipc") and spec.host_id != self._config.registration.host_id:
+            raise invalid(
+                f"destination.transport {spec.transport!r} needs the decode worker on this prefill worker's host"
+            )
         if self._config.require_cache_salt and not request.cache_salt:
             raise invalid("cache_salt is empty: with multi-tenancy on, every request needs its tenant's salt")
         num_blocks = num_blocks_for_tokens(len(request.token_ids), self._engine.block_size)
@@ -166,6 +176,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise invalid(f"destination.layout {layout} does not match this worker's KV layout {ours}")
         if spec.transport == "nccl" and not (spec.store_address and spec.group_key and request.transfer_id):
             raise invalid("destination.transport 'nccl' needs store_address, group_key and a transfer_id")
+        if spec.transport == "cuda_ipc" and not spec.HasField("cuda_ipc"):
+            raise invalid("destination.transport 'cuda_ipc' needs destination.cuda_ipc, the pool's export")
         dest = KVDestination(
             spec.transport,
             tuple(spec.block_ids),
@@ -179,15 +191,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             spec.store_address,
             spec.group_key,
             spec.backend,
+            cuda_export_from_proto(spec.cuda_ipc) if spec.transport == "cuda_ipc" else None,
         )
-        if spec.transport == "shm":
+        if spec.transport in ("shm", "cuda_ipc"):
             # NOTE: before any compute: a caller may only name blocks the pool's owner reserved for it.
+            writer = self._shm if spec.transport == "shm" else self._cuda_ipc
+            field = "shm_name" if spec.transport == "shm" else "cuda_ipc"
             try:
-                self._shm.authorize(dest)  # type: ignore[union-attr] (offered, so not None)
+                writer.authorize(dest)  # type: ignore[union-attr] (offered, so not None)
             except GrantError as error:
                 raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"destination: {error}") from error
-            except TransferError as error:
-                raise invalid(f"destination.shm_name: {error}") from error
+            except (TransferError, ValueError) as error:
+                raise invalid(f"destination.{field}: {error}") from error
         return dest
 
     def _new_sequence(self, request: prefill_pb2.PrefillRequest) -> Sequence:

@@ -62,6 +62,8 @@ def _architectures() -> dict[str, tuple[type, type]]:
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }
 
 
@@ -85,6 +87,10 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
         else:
             values.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
         param.copy_(values)
+    for name, buffer in model.named_buffers():
+        # DeepSeek-V3's routing bias is a saved buffer that transformers initialises to zero: make it choose.
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.empty(buffer.shape).normal_(0.0, 0.1, generator=generator))
 
 
 def build_hf_checkpoint(

@@ -5,6 +5,7 @@
                                                               on loopback (mutual TLS between them)
     kvmesh complete --target HOST:PORT --file F [--line L --column C] [--max-tokens N]
     kvmesh edit --target HOST:PORT --file F --snippet S [--no-speculative] [--max-tokens N]
+    kvmesh replay --target HOST:PORT --file F | --trace T [--mode session|stateless]   a typing trace
     kvmesh demo                                                up, one completion and one edit through it, stop
     kvmesh certs DIR [--hosts NAME ...]                        a development CA and a certificate per role
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from kvmesh.cli import replay
 from kvmesh.cli.options import (
     CLIENT_OPTIONS,
     MODEL,
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-speculative", dest="speculative", action="store_false", help="do not use the original as draft"
     )
     _add_sampling_arguments(edit)
+    replay.add_parser(commands)
 
     certs = commands.add_parser(
         "certs",
@@ -158,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "certs":
             return _certs(args)
+        if args.command == "replay":
+            return replay.run(args)
         return _query(args)
     except SettingsError as error:
         print(f"kvmesh {args.command}: {error}", file=sys.stderr)

@@ -35,8 +35,7 @@ from kvmesh.engine.kv_cache import (
     num_blocks_for_bytes,
     num_blocks_for_tokens,
 )
-from kvmesh.engine.loader import load_model, parse_dtype
-from kvmesh.engine.model import CausalLM
+from kvmesh.engine.loader import LanguageModel, load_model, parse_dtype
 from kvmesh.engine.model_config import ModelConfig
 from kvmesh.engine.sampling import SamplingParams, sample_batch
 from kvmesh.engine.sequence import FinishReason, Sequence, StopChecker
@@ -46,7 +45,7 @@ from kvmesh.engine.tokenizer import Tokenizer
 class Engine:
     def __init__(
         self,
-        model: CausalLM,
+        model: LanguageModel,
         tokenizer: Tokenizer,
         config: EngineConfig = EngineConfig(),
         make_pool_storage: Callable[[KVLayout], torch.Tensor] | None = None,

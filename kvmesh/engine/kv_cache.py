@@ -82,6 +82,10 @@ class KVLayout:
 
 def kv_layout_for(config: ModelConfig, block_size: int, dtype: torch.dtype, num_blocks: int = 1) -> KVLayout:
     """The KV description of a model: what each of its blocks holds (every pool and transport works from it)."""
+    if config.mla is not None:
+        return KVLayout(
+            config.num_hidden_layers, num_blocks, block_size, 1, config.mla.latent_dim, dtype, latent=True
+        )
     return KVLayout(
         config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype
     )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from kvmesh.engine.deepseek import DeepseekForCausalLM
 from kvmesh.engine.model import CausalLM
 from kvmesh.engine.model_config import CheckpointError, ModelConfig, model_config_from_hf
 
@@ -19,6 +20,9 @@ MIXTRAL_NAMES = (
     (".w3.", ".up_proj."),
 )
 """Mixtral's checkpoint names -> ours (the same modules Qwen-MoE checkpoints name gate/up/down_proj)."""
+
+LanguageModel = CausalLM | DeepseekForCausalLM
+"""What the engine runs: forward(input_ids, positions, pool, batch) -> hidden, logits(hidden), config."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,7 +84,25 @@ def our_name(name: str, config: ModelConfig) -> str:
     return name
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> CausalLM:
+def build_model(config: ModelConfig) -> LanguageModel:
+    """The model class a config needs, with uninitialised weights (on the current default device)."""
+    return DeepseekForCausalLM(config) if config.mla is not None else CausalLM(config)
+
+
+def is_extra_layer(name: str, config: ModelConfig) -> bool:
+    """A tensor of a layer past num_hidden_layers: DeepSeek-V3's multi-token-prediction module, which
+    transformers skips too (it serves MTP speculation, not the model's own logits)."""
+    parts = name.split(".")
+    return (
+        config.mla is not None
+        and parts[:2] == ["model", "layers"]
+        and len(parts) > 2
+        and parts[2].isdigit()
+        and int(parts[2]) >= config.num_hidden_layers
+    )
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LanguageModel:
     """Build the model for a checkpoint directory and load its weights (cast to `dtype`)."""
     path = Path(path)
     if not path.is_dir():
@@ -88,7 +110,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     config = load_model_config(path)
     torch_dtype = parse_dtype(dtype)
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = build_model(config)
     expected = {name for name, _ in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -97,8 +119,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
             with safe_open(str(file), framework="pt", device="cpu") as reader:
                 for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     if our_name(name, config) in expected:
-                        state[our_name(name, config)] = reader.get_tensor(name).to(torch_dtype)
-                    elif not (name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"):
+                        keep = name.endswith(model.keep_float32)
+                        state[our_name(name, config)] = reader.get_tensor(name).to(
+                            torch.float32 if keep else torch_dtype
+                        )
+                    elif not (
+                        name.endswith("rotary_emb.inv_freq")
+                        or name == "lm_head.weight"
+                        or is_extra_layer(name, config)
+                    ):
                         # inv_freq: a buffer some old checkpoints saved; lm_head: a tied copy.
                         unexpected.append(name)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -121,5 +150,5 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # The rotary tables are buffers computed at construction, not weights: rebuild them off the meta device.
-    model.rotary = type(model.rotary)(config.rope, config.head_dim, config.max_position_embeddings)
+    model.rotary = model.make_rotary()
     return model.to(device).eval()

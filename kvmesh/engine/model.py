@@ -49,7 +49,27 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
+    if rope.rope_type == "yarn":
+        return _yarn_inverse_frequencies(rope, head_dim, inv_freq)
     return inv_freq
+
+
+def _yarn_inverse_frequencies(rope: RopeConfig, head_dim: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """YaRN: high frequencies kept, low ones divided by factor, a linear ramp between (as transformers has it)."""
+
+    def correction_dim(num_rotations: float) -> float:
+        context = rope.original_max_position_embeddings
+        return head_dim * math.log(context / (num_rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return inv_freq / rope.factor * (1 - extrapolation) + inv_freq * extrapolation
 
 
 class RotaryEmbedding(nn.Module):
@@ -139,6 +159,9 @@ class Decoder(nn.Module):
 class CausalLM(nn.Module):
     """The decoder plus its LM head; `forward` returns final hidden states, `logits` projects chosen rows."""
 
+    keep_float32: tuple[str, ...] = ()
+    """Suffixes of parameters that stay float32 in any model dtype (none here)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -146,7 +169,11 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        self.rotary = self.make_rotary()
+
+    def make_rotary(self) -> RotaryEmbedding:
+        """The rotary tables (buffers computed from the config, not weights)."""
+        return RotaryEmbedding(self.config.rope, self.config.head_dim, self.config.max_position_embeddings)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVPool, batch: AttentionBatch

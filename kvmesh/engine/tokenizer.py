@@ -99,7 +99,12 @@ class Detokenizer:
             return ""
         text = self._unsent
         cut = min((i for i in (text.find(s) for s in self._stop_strings) if i >= 0), default=-1)
-        if cut >= 0:
+        held = len(text) - _stop_prefix_len(text, self._stop_strings)
+        if cut >= 0 and not final and held < cut:
+            # NOTE: a longer stop string that starts before the one found may still complete (stops "a"
+            # and " a=", text " a"): the text is cut at the earliest one, so wait for the next tokens.
+            visible = held
+        elif cut >= 0:
             self._stopped = True
             visible = cut
         elif final:

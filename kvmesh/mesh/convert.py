@@ -23,6 +23,7 @@ from kvmesh.v1 import cache_store_pb2, common_pb2, prefill_pb2
 if TYPE_CHECKING:
     from kvmesh.engine.kv_cache import KVLayout
     from kvmesh.engine.sampling import SamplingParams
+    from kvmesh.transport.cuda_export import PoolExport
 
 # ---- requests' sampling and finish reasons ------------------------------------------------------------
 
@@ -123,6 +124,7 @@ def layout_to_proto(layout: KVLayout) -> prefill_pb2.KVLayoutSpec:
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
         dtype=str(layout.dtype).removeprefix("torch."),
+        latent=layout.latent,
     )
 
 
@@ -136,7 +138,37 @@ def layout_from_proto(spec: prefill_pb2.KVLayoutSpec) -> KVLayout:
     if not isinstance(dtype, torch.dtype):
         raise invalid(f"destination.layout.dtype {spec.dtype!r} is not a torch dtype")
     return KVLayout(
-        spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim, dtype
+        spec.num_layers,
+        spec.num_blocks,
+        spec.block_size,
+        spec.num_kv_heads,
+        spec.head_dim,
+        dtype,
+        spec.latent,
+    )
+
+
+def cuda_export_to_proto(export: PoolExport) -> prefill_pb2.CudaIpcExport:
+    return prefill_pb2.CudaIpcExport(**dataclasses.asdict(export))
+
+
+def cuda_export_from_proto(spec: prefill_pb2.CudaIpcExport) -> PoolExport:
+    """A destination's CUDA IPC export, as sent; `PoolExport.check` validates it against the layout."""
+    from kvmesh.transport.cuda_export import PoolExport
+
+    if not spec.pool_id:
+        raise invalid("destination.cuda_ipc.pool_id is empty: transport 'cuda_ipc' needs the pool's export")
+    return PoolExport(
+        pool_id=spec.pool_id,
+        device_uuid=spec.device_uuid,
+        pid=spec.pid,
+        mem_handle=spec.mem_handle,
+        storage_size_bytes=spec.storage_size_bytes,
+        storage_offset_bytes=spec.storage_offset_bytes,
+        ref_counter_handle=spec.ref_counter_handle,
+        ref_counter_offset=spec.ref_counter_offset,
+        event_handle=spec.event_handle,
+        event_sync_required=spec.event_sync_required,
     )
 
 

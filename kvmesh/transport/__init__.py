@@ -1,7 +1,7 @@
 """KV transports: moving blocks from a prefill worker's pool into a decode worker's reserved blocks.
 
-`base` is the interface (destinations, stats, the sender registry); `shm`, `grpc_stream` and
-`collective` (NCCL, and its gloo twin on CPU) are the transports (CUDA IPC is not written yet);
+`base` is the interface (destinations, stats, the sender registry); `shm`, `cuda_ipc` (device to
+device on one node), `grpc_stream` and `collective` (NCCL, and its gloo twin on CPU) are the transports;
 `layerwise` lets blocks leave layer by layer while the last chunk of a prompt is computed. Which one a
 request uses, the gateway chooses (gateway.routing_cost.choose_transport).
 Importing this package registers the push senders.
@@ -19,6 +19,8 @@ from kvmesh.transport.base import (
     register_sender,
 )
 from kvmesh.transport.collective import CollectiveReceiver, CollectiveSender, PeerLost
+from kvmesh.transport.cuda_export import CudaIpcUnavailable, PoolExport
+from kvmesh.transport.cuda_ipc import CudaIpcSender, ExportedKVPool
 from kvmesh.transport.grpc_stream import (
     DEFAULT_CHUNK_BYTES,
     KVChunk,
@@ -33,7 +35,11 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "CollectiveReceiver",
     "CollectiveSender",
+    "CudaIpcSender",
+    "CudaIpcUnavailable",
+    "ExportedKVPool",
     "PeerLost",
+    "PoolExport",
     "STREAM_TRANSPORT",
     "KVChunk",
     "KVChunkEncoder",

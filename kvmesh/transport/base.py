@@ -23,11 +23,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from kvmesh.engine.kv_cache import KVLayout, KVPool
+
+if TYPE_CHECKING:
+    from kvmesh.transport.cuda_export import PoolExport
 
 LayerReady = Callable[[int], Awaitable[None]]
 """Layer-wise transfer: awaits until layer l of the source blocks is final; raises if it never will be
@@ -66,7 +69,7 @@ class KVDestination:
     request_id: str = ""
     """The request the blocks are reserved for (part of the grant)."""
     grant: bytes = b""
-    """The pool owner's write grant for exactly these blocks (`kvmesh.transport.grant`); shm only."""
+    """The pool owner's write grant for exactly these blocks (`kvmesh.transport.grant`); shm and cuda_ipc."""
     grant_expires_unix_ms: int = 0
     """When the grant stops being valid, in Unix milliseconds."""
     transfer_id: str = ""
@@ -77,6 +80,8 @@ class KVDestination:
     """`nccl`: the pair's process group, a key in that store; the same key for every transfer of a pair."""
     backend: str = ""
     """`nccl`: the process-group backend, "nccl" (CUDA pools) or "gloo" (CPU pools)."""
+    cuda_ipc: PoolExport | None = None
+    """`cuda_ipc`: the destination pool's CUDA IPC export (`kvmesh.transport.cuda_ipc`)."""
 
     def __post_init__(self) -> None:
         # NOTE: a tuple, so the descriptor stays hashable and nobody edits the block list in flight.

@@ -262,8 +262,8 @@ class CollectiveSender(KVSender):
 
 
 def _layer_shape(layout: KVLayout, num_blocks: int) -> tuple[int, ...]:
-    """One layer's share of a transfer: [K/V parts, num_blocks, block_size, kv_heads, head_dim]."""
-    return (layout.shape[1], num_blocks, *layout.shape[3:])
+    """One layer's share of a transfer: [parts (K/V or a latent), num_blocks, block_size, kv_heads, head_dim]."""
+    return layout.with_blocks(num_blocks).shape[1:]
 
 
 register_sender(CollectiveSender.name, CollectiveSender)

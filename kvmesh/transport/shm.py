@@ -47,9 +47,10 @@ SHM_DIR = "/dev/shm"
 """Where Linux keeps POSIX shared memory; a segment named N is the file SHM_DIR/N."""
 
 # A segment is a header page that names the layout (so a wrong layout is an error, not garbage KV) and
-# holds the pool's write-grant key, then the pool tensor, page-aligned.
-_HEADER_BYTES = 4096
-_KEY_OFFSET = 2048
+# holds the pool's write-grant key, then the pool tensor, page-aligned. An exported CUDA pool
+# (`kvmesh.transport.cuda_ipc`) starts with the same header, in device memory.
+HEADER_BYTES = 4096
+KEY_OFFSET = 2048
 _MAGIC = "kvmesh-kv-pool-v1"
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
@@ -62,22 +63,22 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def _layout_header(layout: KVLayout) -> bytes:
+def layout_header(layout: KVLayout) -> bytes:
     fields = (layout.num_layers, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
     kind = " latent" if layout.latent else ""
     header = (
         f"{_MAGIC} {' '.join(map(str, fields))} {str(layout.dtype).removeprefix('torch.')}{kind}\n".encode()
     )
-    return header.ljust(_KEY_OFFSET, b"\0")
+    return header.ljust(KEY_OFFSET, b"\0")
 
 
 def _map(fd: int, layout: KVLayout) -> tuple[mmap.mmap, torch.Tensor]:
     # NOTE: MAP_POPULATE builds the page tables now, so the first transfer does not pay a page fault per
     # 4 KiB (about as long as the copy itself). The tensor holds the mmap object (through the buffer
     # protocol): the mapping lives exactly as long as some tensor viewing it.
-    mapping = mmap.mmap(fd, _HEADER_BYTES + layout.num_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    mapping = mmap.mmap(fd, HEADER_BYTES + layout.num_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     kv = torch.frombuffer(
-        mapping, dtype=layout.dtype, count=layout.num_bytes // layout.dtype.itemsize, offset=_HEADER_BYTES
+        mapping, dtype=layout.dtype, count=layout.num_bytes // layout.dtype.itemsize, offset=HEADER_BYTES
     )
     return mapping, kv.view(layout.shape)
 
@@ -117,7 +118,7 @@ class SharedKVPool:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                os.posix_fallocate(fd, 0, _HEADER_BYTES + layout.num_bytes)
+                os.posix_fallocate(fd, 0, HEADER_BYTES + layout.num_bytes)
             except OSError as e:
                 raise OSError(
                     e.errno,
@@ -126,8 +127,8 @@ class SharedKVPool:
                 ) from e
             mapping, kv = _map(fd, layout)
             grant_key = secrets.token_bytes(GRANT_KEY_BYTES)
-            mapping[:_KEY_OFFSET] = _layout_header(layout)
-            mapping[_KEY_OFFSET : _KEY_OFFSET + GRANT_KEY_BYTES] = grant_key
+            mapping[:KEY_OFFSET] = layout_header(layout)
+            mapping[KEY_OFFSET : KEY_OFFSET + GRANT_KEY_BYTES] = grant_key
         except BaseException:
             os.unlink(path)
             raise
@@ -174,8 +175,8 @@ def _attach(name: str, layout: KVLayout) -> tuple[torch.Tensor, int, bytes]:
     fd = os.open(_path(name), os.O_RDWR)
     try:
         stat = os.fstat(fd)
-        header = os.pread(fd, _HEADER_BYTES, 0)
-        if header[:_KEY_OFFSET] != _layout_header(layout) or stat.st_size != _HEADER_BYTES + layout.num_bytes:
+        header = os.pread(fd, HEADER_BYTES, 0)
+        if header[:KEY_OFFSET] != layout_header(layout) or stat.st_size != HEADER_BYTES + layout.num_bytes:
             found = (
                 header.split(b"\n", 1)[0].decode(errors="replace")
                 if header.startswith(_MAGIC.encode())
@@ -186,7 +187,7 @@ def _attach(name: str, layout: KVLayout) -> tuple[torch.Tensor, int, bytes]:
                 f"says layout {layout}: the descriptor does not match the pool"
             )
         _, kv = _map(fd, layout)
-        return kv, stat.st_ino, header[_KEY_OFFSET : _KEY_OFFSET + GRANT_KEY_BYTES]
+        return kv, stat.st_ino, header[KEY_OFFSET : KEY_OFFSET + GRANT_KEY_BYTES]
     finally:
         os.close(fd)
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\"\x81\x01\n\x0cKVLayoutSpec\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\x92\x02\n\rKVDestination\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\'\n\x06layout\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.KVLayoutSpec\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x06 \x01(\x05\x12\r\n\x05grant\x18\x07 \x01(\x0c\x12\x1d\n\x15grant_expires_unix_ms\x18\x08 \x01(\x03\x12\x15\n\rstore_address\x18\t \x01(\t\x12\x11\n\tgroup_key\x18\n \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x11\n\tlayerwise\x18\x0c \x01(\x08\"\x8f\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x18.kvmesh.v1.KVDestination\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\"+\n\x14\x43\x61ncelPrefillRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\")\n\x12\x43\x61ncelPrefillReply\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\">\n\x06KVData\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"l\n\x0bPrefillDone\x12\x12\n\nnum_tokens\x18\x01 \x01(\x05\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x04 \x01(\x01\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"a\n\x0cPrefillChunk\x12!\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x11.kvmesh.v1.KVDataH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.kvmesh.v1.PrefillDoneH\x00\x42\x06\n\x04\x62ody2\x9b\x01\n\x07Prefill\x12?\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x17.kvmesh.v1.PrefillChunk0\x01\x12O\n\rCancelPrefill\x12\x1f.kvmesh.v1.CancelPrefillRequest\x1a\x1d.kvmesh.v1.CancelPrefillReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\"\x91\x01\n\x0cKVLayoutSpec\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06latent\x18\x07 \x01(\x08\"\xbe\x02\n\rKVDestination\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x10\n\x08shm_name\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\'\n\x06layout\x18\x04 \x01(\x0b\x32\x17.kvmesh.v1.KVLayoutSpec\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x06 \x01(\x05\x12\r\n\x05grant\x18\x07 \x01(\x0c\x12\x1d\n\x15grant_expires_unix_ms\x18\x08 \x01(\x03\x12\x15\n\rstore_address\x18\t \x01(\t\x12\x11\n\tgroup_key\x18\n \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x11\n\tlayerwise\x18\x0c \x01(\x08\x12*\n\x08\x63uda_ipc\x18\r \x01(\x0b\x32\x18.kvmesh.v1.CudaIpcExport\"\xfb\x01\n\rCudaIpcExport\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x12\n\nmem_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x05 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x07 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x08 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\t \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\n \x01(\x08\"\x8f\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x18.kvmesh.v1.KVDestination\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\"+\n\x14\x43\x61ncelPrefillRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\")\n\x12\x43\x61ncelPrefillReply\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\">\n\x06KVData\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"l\n\x0bPrefillDone\x12\x12\n\nnum_tokens\x18\x01 \x01(\x05\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x04 \x01(\x01\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"a\n\x0cPrefillChunk\x12!\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x11.kvmesh.v1.KVDataH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.kvmesh.v1.PrefillDoneH\x00\x42\x06\n\x04\x62ody2\x9b\x01\n\x07Prefill\x12?\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x17.kvmesh.v1.PrefillChunk0\x01\x12O\n\rCancelPrefill\x12\x1f.kvmesh.v1.CancelPrefillRequest\x1a\x1d.kvmesh.v1.CancelPrefillReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.prefill_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVLAYOUTSPEC']._serialized_start=39
-  _globals['_KVLAYOUTSPEC']._serialized_end=168
-  _globals['_KVDESTINATION']._serialized_start=171
-  _globals['_KVDESTINATION']._serialized_end=445
-  _globals['_PREFILLREQUEST']._serialized_start=448
-  _globals['_PREFILLREQUEST']._serialized_end=591
-  _globals['_CANCELPREFILLREQUEST']._serialized_start=593
-  _globals['_CANCELPREFILLREQUEST']._serialized_end=636
-  _globals['_CANCELPREFILLREPLY']._serialized_start=638
-  _globals['_CANCELPREFILLREPLY']._serialized_end=679
-  _globals['_KVDATA']._serialized_start=681
-  _globals['_KVDATA']._serialized_end=743
-  _globals['_PREFILLDONE']._serialized_start=745
-  _globals['_PREFILLDONE']._serialized_end=853
-  _globals['_PREFILLCHUNK']._serialized_start=855
-  _globals['_PREFILLCHUNK']._serialized_end=952
-  _globals['_PREFILL']._serialized_start=955
-  _globals['_PREFILL']._serialized_end=1110
+  _globals['_KVLAYOUTSPEC']._serialized_end=184
+  _globals['_KVDESTINATION']._serialized_start=187
+  _globals['_KVDESTINATION']._serialized_end=505
+  _globals['_CUDAIPCEXPORT']._serialized_start=508
+  _globals['_CUDAIPCEXPORT']._serialized_end=759
+  _globals['_PREFILLREQUEST']._serialized_start=762
+  _globals['_PREFILLREQUEST']._serialized_end=905
+  _globals['_CANCELPREFILLREQUEST']._serialized_start=907
+  _globals['_CANCELPREFILLREQUEST']._serialized_end=950
+  _globals['_CANCELPREFILLREPLY']._serialized_start=952
+  _globals['_CANCELPREFILLREPLY']._serialized_end=993
+  _globals['_KVDATA']._serialized_start=995
+  _globals['_KVDATA']._serialized_end=1057
+  _globals['_PREFILLDONE']._serialized_start=1059
+  _globals['_PREFILLDONE']._serialized_end=1167
+  _globals['_PREFILLCHUNK']._serialized_start=1169
+  _globals['_PREFILLCHUNK']._serialized_end=1266
+  _globals['_PREFILL']._serialized_start=1269
+  _globals['_PREFILL']._serialized_end=1424
 # @@protoc_insertion_point(module_scope)

@@ -7,23 +7,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVLayoutSpec(_message.Message):
-    __slots__ = ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim", "dtype")
+    __slots__ = ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim", "dtype", "latent")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_blocks: int
     block_size: int
     num_kv_heads: int
     head_dim: int
     dtype: str
-    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    latent: bool
+    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., latent: _Optional[bool] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block", "grant", "grant_expires_unix_ms", "store_address", "group_key", "backend", "layerwise")
+    __slots__ = ("transport", "shm_name", "block_ids", "layout", "host_id", "first_block", "grant", "grant_expires_unix_ms", "store_address", "group_key", "backend", "layerwise", "cuda_ipc")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,7 @@ class KVDestination(_message.Message):
     GROUP_KEY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     LAYERWISE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     transport: str
     shm_name: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -48,7 +51,32 @@ class KVDestination(_message.Message):
     group_key: str
     backend: str
     layerwise: bool
-    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ..., grant: _Optional[bytes] = ..., grant_expires_unix_ms: _Optional[int] = ..., store_address: _Optional[str] = ..., group_key: _Optional[str] = ..., backend: _Optional[str] = ..., layerwise: _Optional[bool] = ...) -> None: ...
+    cuda_ipc: CudaIpcExport
+    def __init__(self, transport: _Optional[str] = ..., shm_name: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., host_id: _Optional[str] = ..., first_block: _Optional[int] = ..., grant: _Optional[bytes] = ..., grant_expires_unix_ms: _Optional[int] = ..., store_address: _Optional[str] = ..., group_key: _Optional[str] = ..., backend: _Optional[str] = ..., layerwise: _Optional[bool] = ..., cuda_ipc: _Optional[_Union[CudaIpcExport, _Mapping]] = ...) -> None: ...
+
+class CudaIpcExport(_message.Message):
+    __slots__ = ("pool_id", "device_uuid", "pid", "mem_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MEM_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    device_uuid: str
+    pid: int
+    mem_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, pool_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., pid: _Optional[int] = ..., mem_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "destination", "cache_salt", "transfer_id")

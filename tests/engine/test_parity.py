@@ -365,10 +365,10 @@ UNSUPPORTED = {
         {"use_sliding_window": True, "sliding_window": 8},
         ("use_sliding_window", "true"),
     ),
-    "deepseek-v2-architecture": (
+    "deepseek-v4-architecture": (
         "llama",
-        {"architectures": ["DeepseekV2ForCausalLM"]},
-        ("architectures", "DeepseekV2ForCausalLM"),
+        {"architectures": ["DeepseekV4ForCausalLM"]},
+        ("architectures", "DeepseekV4ForCausalLM"),
     ),
     "yarn-rope": (
         "llama",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -245,6 +246,48 @@ def test_transports() -> None:
     assert only_other.prefill_reason == "no-prefill-worker"
     assert choose_transport(same_host.worker, decode("d0", host_id="").worker) == "grpc"
     assert choose_transport(same_host.worker, decode("d0", transports=("grpc",)).worker) == "grpc"
+
+
+GPU = ("cuda_ipc", "nccl", "grpc")
+"""What a GPU worker offers: its pool is on the device, so no shm."""
+
+
+@pytest.mark.parametrize(
+    ("prefill_offers", "decode_offers", "same_host", "expected"),
+    [
+        (GPU, GPU, True, "cuda_ipc"),
+        (GPU, GPU, False, "nccl"),  # CUDA IPC cannot cross hosts
+        (GPU, ("nccl", "grpc"), True, "nccl"),
+        (("cuda_ipc", "grpc"), GPU, True, "cuda_ipc"),
+        (("cuda_ipc", "grpc"), ("cuda_ipc", "grpc"), False, "grpc"),
+        (("nccl", "grpc"), ("grpc",), True, "grpc"),
+        (("shm", "nccl", "grpc"), ("shm", "nccl", "grpc"), True, "shm"),  # CPU pools: a memcpy beats gloo
+        (("shm", "nccl", "grpc"), ("shm", "nccl", "grpc"), False, "nccl"),
+        (("shm", "grpc"), ("shm", "grpc"), False, "grpc"),
+        (("grpc", "shm"), ("shm", "grpc"), True, "shm"),  # the order a worker lists them in does not matter
+    ],
+)
+def test_choose_transport_prefers_device_transports_on_one_host_then_nccl_then_grpc(
+    prefill_offers, decode_offers, same_host, expected
+) -> None:
+    p = prefill("p1", host_id="host-a", transports=prefill_offers)
+    d = decode("d0", host_id="host-a" if same_host else "host-b", transports=decode_offers)
+    assert choose_transport(p.worker, d.worker) == expected
+    unknown_host = "nccl" if "nccl" in set(prefill_offers) & set(decode_offers) else "grpc"
+    assert choose_transport(p.worker, replace(d.worker, host_id="")) == unknown_host
+
+
+def test_auto_routing_ships_over_cuda_ipc_between_gpu_workers_of_one_host() -> None:
+    pool = snapshot(
+        decode("d0", transports=GPU),
+        prefill("p1", transports=GPU),
+        prefill("p2", 3, host_id="host-b", transports=GPU),
+    )
+    local = plan(pool, 2000)
+    assert ids(local) == ("d0", "p1") and local.route.transport == "cuda_ipc"
+    remote = plan(pool, 2000, {"p2": 120})  # p2 holds most of the prompt: worth crossing hosts
+    assert ids(remote) == ("d0", "p2") and remote.route.transport == "nccl"
+    assert plan(pool, 2000, config=RoutingConfig(transport="grpc")).route.transport == "grpc"
 
 
 # --- failed workers --------------------------------------------------------------------------------------

@@ -59,13 +59,26 @@ def stream(address: str, **kwargs) -> tuple[list[int], str, object]:
 
 
 @pytest.mark.parametrize(
-    ("worker_transports", "gateway_transport", "num_prefill"),
-    [(("shm", "grpc"), "shm", 1), (("shm", "grpc"), "grpc", 1), (("grpc",), "auto", 0)],
-    ids=["shm", "grpc", "decode-prefills-itself"],
+    ("worker_transports", "gateway_transport", "num_prefill", "transport"),
+    [
+        (("shm", "grpc"), "shm", 1, "shm"),
+        (("shm", "grpc"), "grpc", 1, "grpc"),
+        # The NCCL transport's gloo twin (CPU pools), chosen by the gateway, through the real servers.
+        (("nccl", "grpc"), "auto", 1, "nccl"),
+        # Device to device (GPU pools only: KVMESH_TEST_DEVICE=cuda), chosen by the gateway.
+        (("cuda_ipc", "grpc"), "auto", 1, "cuda_ipc"),
+        (("grpc",), "auto", 0, ""),
+    ],
+    ids=["shm", "grpc", "nccl", "cuda_ipc", "decode-prefills-itself"],
 )
 def test_streamed_completion_equals_the_engine_in_process(
-    model_path, engine, worker_transports, gateway_transport, num_prefill
+    model_path, engine, worker_transports, gateway_transport, num_prefill, transport
 ):
+    device = MeshSpec(str(model_path)).device
+    if transport == "cuda_ipc" and device == "cpu":
+        pytest.skip("cuda_ipc moves KV between CUDA pools; run with KVMESH_TEST_DEVICE=cuda")
+    if transport == "nccl" and device != "cpu":
+        pytest.skip("NCCL refuses two ranks on one GPU; the gloo twin runs on CPU pools")
     spec = MeshSpec(
         str(model_path),
         num_prefill=num_prefill,
@@ -81,11 +94,11 @@ def test_streamed_completion_equals_the_engine_in_process(
     assert usage.completion_tokens == len(expected)
     assert usage.prompt_tokens == len(PromptLayout(engine.tokenizer).completion(PREFIX, SUFFIX))
     assert usage.cached_tokens == 0 and usage.prefilled_tokens == usage.prompt_tokens
+    assert usage.transport == transport
     if num_prefill:
-        assert usage.transport == gateway_transport
         assert usage.transfer_bytes == -(-(usage.prompt_tokens - 1) // 16) * engine.kv_bytes_per_token * 16
     else:
-        assert usage.transport == "" and usage.transfer_bytes == 0
+        assert usage.transfer_bytes == 0
     assert usage.ttft_ms > 0 and usage.stage_ms["decode"] > 0
 
 

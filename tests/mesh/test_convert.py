@@ -157,6 +157,8 @@ def test_layout_round_trip() -> None:
         num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16
     )
     assert layout_from_proto(layout_to_proto(layout)) == layout
+    latent = KVLayout(2, 8, 4, 1, 24, torch.float32, latent=True)
+    assert layout_from_proto(layout_to_proto(latent)) == latent
     spec = prefill_pb2.KVLayoutSpec(dtype="float5")
     assert "destination.layout.dtype 'float5'" in invalid_message(lambda: layout_from_proto(spec))
 
