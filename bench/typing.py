@@ -235,7 +235,8 @@ def report(
     )
     print(
         f"model calls per keystroke: session {session['model_calls_per_keystroke']:.2f}, stateless "
-        f"{stateless['model_calls_per_keystroke']:.2f}: {1 - calls:.0%} fewer (goal >= 30% fewer)"
+        f"{stateless['model_calls_per_keystroke']:.2f}: {abs(1 - calls):.0%} "
+        f"{'fewer' if calls <= 1 else 'more'} (goal >= 30% fewer)"
     )
     print(
         f"wasted compute in sessions: {session['wasted']:.0%} (goal <= 35%); stateless {stateless['wasted']:.0%}"

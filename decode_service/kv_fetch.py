@@ -16,7 +16,8 @@ from kvmesh.mesh.errors import ServiceError
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.transport.base import TransferError
-from kvmesh.transport.collective import CollectiveReceiver, PeerLost, PendingTransfer
+from kvmesh.transport.collective import PeerLost
+from kvmesh.transport.collective_receiver import CollectiveReceiver, PendingTransfer
 from kvmesh.transport.cuda_ipc import ExportedKVPool
 from kvmesh.transport.grpc_stream import KVChunk, KVChunkReceiver
 from kvmesh.transport.shm import SharedKVPool

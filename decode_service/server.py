@@ -36,7 +36,7 @@ from kvmesh.mesh.telemetry import start_metrics_server, tracer
 from kvmesh.mesh.worker_config import load_engine
 from kvmesh.mesh.worker_metrics import register_worker_metrics
 from kvmesh.mesh.workers import WorkerLoad, WorkerRole
-from kvmesh.transport.collective import CollectiveReceiver
+from kvmesh.transport.collective_receiver import CollectiveReceiver
 from kvmesh.transport.cuda_ipc import ExportedKVPool
 from kvmesh.transport.shm import SharedKVPool
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc

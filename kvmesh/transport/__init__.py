@@ -18,7 +18,8 @@ from kvmesh.transport.base import (
     make_sender,
     register_sender,
 )
-from kvmesh.transport.collective import CollectiveReceiver, CollectiveSender, PeerLost
+from kvmesh.transport.collective import CollectiveSender, PeerLost
+from kvmesh.transport.collective_receiver import CollectiveReceiver
 from kvmesh.transport.cuda_export import CudaIpcUnavailable, PoolExport
 from kvmesh.transport.cuda_ipc import CudaIpcSender, ExportedKVPool
 from kvmesh.transport.grpc_stream import (

@@ -19,7 +19,8 @@ import torch
 
 from kvmesh.engine.kv_cache import KVLayout, KVPool
 from kvmesh.transport import KVDestination, TransferError, make_sender
-from kvmesh.transport.collective import CollectiveReceiver, CollectiveSender, PeerLost
+from kvmesh.transport.collective import CollectiveSender, PeerLost
+from kvmesh.transport.collective_receiver import CollectiveReceiver
 
 LAYOUT = KVLayout(num_layers=4, num_blocks=24, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
 BIG_LAYOUT = KVLayout(
