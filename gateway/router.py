@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 
 from gateway.prefix_lookup import BlockHashes, PrefixLookup
 from gateway.routing_cost import Candidate, PoolSnapshot, RoutePlan, RoutingConfig, plan_route
 from kvmesh.mesh.convert import worker_from_proto
 from kvmesh.mesh.errors import ServiceError
+from kvmesh.mesh.server import RunningServer
 from kvmesh.mesh.telemetry import tracer
 from kvmesh.mesh.tls import TLSConfig, mesh_channel
 from kvmesh.mesh.workers import WorkerInfo, WorkerRole
@@ -316,3 +318,25 @@ def _decode_workers(workers: Iterable[cache_store_pb2.WorkerInfo]) -> list[Worke
             # The cache store validates on Register, so this means a newer store with a role we don't know.
             logger.warning("skipping worker %s from the cache store: %s", proto.worker_id, error.message)
     return decoded
+
+
+async def watch_pool(running: RunningServer, pool: WorkerPool, period_s: float) -> None:
+    """Keeps health SERVING while at least one decode worker is live, NOT_SERVING otherwise; closes the
+    pool when the server stops."""
+    serving = False
+    try:
+        while True:
+            has_decode = bool(pool.workers(WorkerRole.DECODE))
+            if has_decode and not serving:
+                await running.set_serving()
+                logger.info("a decode worker is live: SERVING")
+            elif serving and not has_decode:
+                for name in ("", *running.service_names):
+                    await running.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                logger.warning("no decode worker is live: NOT_SERVING")
+            serving = has_decode
+            await asyncio.sleep(period_s)
+    finally:
+        # NOTE: RunningServer.stop cancels background tasks only after in-flight calls have drained;
+        # closing the pool earlier would cancel the downstream calls they are waiting on.
+        await pool.close()

@@ -20,14 +20,13 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 
 from gateway.config import GatewayConfig
 from gateway.generation import ResumableGeneration
 from gateway.layout import CompletionPrompt, EditPrompt, PromptLayout, PromptTooLong, split_document
 from gateway.prefix_lookup import BlockHashes, PrefixLookup
-from gateway.router import Router, WorkerPool
+from gateway.router import Router, WorkerPool, watch_pool
 from gateway.routing_cost import RoutePlan
 from gateway.session_service import SessionService
 from gateway.tenancy import Authenticator, Identity, SaltSecret, TenantKeys
@@ -39,7 +38,6 @@ from kvmesh.mesh.convert import sampling_from_proto, sampling_to_proto
 from kvmesh.mesh.errors import ServiceError, deadline_s, invalid
 from kvmesh.mesh.server import RunningServer, start_server
 from kvmesh.mesh.telemetry import meter, start_metrics_server, tracer
-from kvmesh.mesh.workers import WorkerRole
 from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -347,28 +345,6 @@ def _cursor_text(request: gateway_pb2.CompleteRequest) -> tuple[str, str]:
     return request.prefix, request.suffix
 
 
-async def _watch_pool(running: RunningServer, pool: WorkerPool, period_s: float) -> None:
-    """Keeps health SERVING while at least one decode worker is live, NOT_SERVING otherwise; closes the
-    pool when the server stops."""
-    serving = False
-    try:
-        while True:
-            has_decode = bool(pool.workers(WorkerRole.DECODE))
-            if has_decode and not serving:
-                await running.set_serving()
-                logger.info("a decode worker is live: SERVING")
-            elif serving and not has_decode:
-                for name in ("", *running.service_names):
-                    await running.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-                logger.warning("no decode worker is live: NOT_SERVING")
-            serving = has_decode
-            await asyncio.sleep(period_s)
-    finally:
-        # NOTE: RunningServer.stop cancels background tasks only after in-flight calls have drained;
-        # closing the pool earlier would cancel the downstream calls they are waiting on.
-        await pool.close()
-
-
 async def serve(config: GatewayConfig) -> RunningServer:
     """Starts the gateway. Health turns SERVING once the pool holds a decode worker, and back to
     NOT_SERVING while it holds none. Raises CheckpointError when model_path lacks tokenizer.json or
@@ -407,7 +383,7 @@ async def serve(config: GatewayConfig) -> RunningServer:
         await pool.close()
         raise
     period_s = min(config.refresh_ms / 1000.0, 0.1)
-    running.add_background_task(asyncio.create_task(_watch_pool(running, pool, period_s)))
+    running.add_background_task(asyncio.create_task(watch_pool(running, pool, period_s)))
     if config.metrics_port is not None:
         port = start_metrics_server(config.metrics_port, config.server.metrics_bind_host)
         logger.info("metrics on port %d", port)
