@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -35,7 +36,7 @@ def cursor_of(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (text.rfind("\n", 0, offset) + 1)
 
 
-class _Replayer:
+class _Replayer(ABC):
     """The typist's document and cursor; subclasses send the requests."""
 
     def __init__(
@@ -63,11 +64,12 @@ class _Replayer:
         self.cursor = start + len(text)
         return await self._send(kind, start, num_deleted, text)
 
-    async def close(self) -> None:
-        pass
+    async def close(self) -> None:  # noqa: B027 (a no-op default: a stateless replay holds no stream)
+        """End what the replay holds open."""
 
+    @abstractmethod
     async def _send(self, kind: str, start: int, num_deleted: int, text: str) -> Keystroke:
-        raise NotImplementedError
+        """Tell the gateway of the change (a session's change, or a stateless request); the keystroke."""
 
 
 class SessionReplayer(_Replayer):
