@@ -1,6 +1,6 @@
 """Engine speed against `transformers` on the same weights, in the same run; and KV bytes per token.
 
-    python bench/engine.py [--quick] [--threads N] [--model llama|moe]
+    python -m bench.engine [--quick] [--threads N] [--model llama|moe]
 
 Writes a random Llama checkpoint sized like a small real model (8 layers, hidden 512, 8 query heads over 2
 KV heads, vocab 4096) into a temporary folder, loads it in our engine and in `transformers`
@@ -276,7 +276,7 @@ def main() -> None:
         "",
         f"- Machine: {cpu_model_name()}, {os.cpu_count()} cores; torch {torch.__version__} "
         f"({args.threads} threads), transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- Command: `python bench/engine.py{' --quick' if args.quick else ''} --threads {args.threads}"
+        f"- Command: `python -m bench.engine{' --quick' if args.quick else ''} --threads {args.threads}"
         f" --model {args.model}`",
         f"- Model: random {'Qwen3-MoE' if args.model == 'moe' else 'Llama'}"
         + (
