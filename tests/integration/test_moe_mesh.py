@@ -58,7 +58,9 @@ def test_completions_and_edits_through_the_mesh_equal_the_engine(checkpoint: Pat
     snippet = "def add(a, b, c):\n    return a + b + c\n"
     edit_prompt = layout.edit(original, snippet)
     expected_edit, _ = generate_speculative(engine, edit_prompt.token_ids, edit_prompt.draft_token_ids, 24)
-    assert len(expected) > 1 and len(expected_edit) > 1  # random weights: make sure there is output to compare
+    assert (
+        len(expected) > 1 and len(expected_edit) > 1
+    )  # random weights: make sure there is output to compare
     spec = MeshSpec(str(checkpoint), routing=RoutingConfig(transport=transport, disagg_min_tokens=0))
     with MeshInThread(spec) as mesh, Client(mesh.gateway_address) as client:
         first = list(client.complete(prefix=PREFIX, suffix=SUFFIX, max_tokens=12))
