@@ -240,3 +240,8 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+def tokens_of(chunks: list) -> list[int]:
+    """The token ids of a completion's streamed chunks, in order."""
+    return [t for c in chunks for t in c.token_ids]

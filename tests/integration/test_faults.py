@@ -25,6 +25,7 @@ from tests.processes import (
     list_workers,
     prompt_tokens,
     scrape,
+    tokens_of,
 )
 
 pytestmark = pytest.mark.slow
@@ -33,10 +34,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model(mesh_model_path: Path) -> Path:
     return mesh_model_path
-
-
-def tokens_of(chunks: list) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
 
 
 def busy_decode_role(mesh: Mesh) -> Role:

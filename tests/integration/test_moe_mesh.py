@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from gateway.layout import PromptLayout
@@ -13,7 +14,10 @@ from gateway.routing_cost import RoutingConfig
 from kvmesh.client import Client
 from kvmesh.engine.engine import Engine
 from kvmesh.engine.generate import generate_speculative
+from kvmesh.v1 import gateway_pb2_grpc
+from tests.integration.test_faults import tokens_of
 from tests.mesh_harness import MeshInThread, MeshSpec
+from tests.processes import Mesh, complete_request, prompt_tokens
 
 pytest.importorskip("transformers")
 
@@ -71,3 +75,16 @@ def test_completions_and_edits_through_the_mesh_equal_the_engine(checkpoint: Pat
     assert [t for c in again for t in c.token_ids] == expected
     assert again[-1].usage.cached_tokens > 0  # the repeated keystroke found its prefix
     assert [t for c in edit for t in c.token_ids] == expected_edit
+
+
+def test_an_mla_checkpoint_through_kvmesh_serve_processes(checkpoint: Path) -> None:
+    """The same roles as `kvmesh up` starts them (one process each, the shm transport): the stream equals
+    the in-process engine's greedy output, and a repeated keystroke hits the cache."""
+    with Mesh(checkpoint, transport="shm") as mesh, grpc.insecure_channel(mesh.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        first = list(stub.Complete(complete_request(12), timeout=120))
+        again = list(stub.Complete(complete_request(12), timeout=120))
+    expected = Engine.from_pretrained(checkpoint).generate(prompt_tokens(checkpoint), 12, ignore_eos=True)
+    assert tokens_of(first) == tokens_of(again) == expected
+    assert first[-1].usage.transport == "shm" and again[-1].usage.cached_tokens > 0
+    assert mesh.log_problems() == {}
