@@ -23,7 +23,7 @@ from kvmesh.engine.kv_cache import KVPool
 from kvmesh.engine.mla import LatentRotary, MultiLatentAttention
 from kvmesh.engine.model import RMSNorm
 from kvmesh.engine.model_config import ModelConfig, MoEConfig
-from kvmesh.engine.moe import SwiGLU, run_experts
+from kvmesh.engine.moe import Experts, SwiGLU
 
 
 class DeepseekRouter(nn.Module):
@@ -72,9 +72,7 @@ class DeepseekMoE(nn.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
         super().__init__()
         self.gate = DeepseekRouter(hidden_size, moe)
-        self.experts = nn.ModuleList(
-            SwiGLU(hidden_size, moe.expert_intermediate_size) for _ in range(moe.num_experts)
-        )
+        self.experts = Experts(moe.num_experts, hidden_size, moe.expert_intermediate_size)
         self.has_shared = moe.shared_expert_intermediate_size > 0
         if self.has_shared:
             self.shared_experts = SwiGLU(hidden_size, moe.shared_expert_intermediate_size)
@@ -84,7 +82,7 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.gate(x)
-        out = run_experts(x, weights, experts, self.experts)
+        out = self.experts(x, weights, experts)
         return out + self.shared_experts(x) if self.has_shared else out
 
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from kvmesh.engine.deepseek import DeepseekForCausalLM
 from kvmesh.engine.model import CausalLM
 from kvmesh.engine.model_config import CheckpointError, ModelConfig, model_config_from_hf
+from kvmesh.engine.moe import stack_expert_weights
 
 MIXTRAL_NAMES = (
     (".block_sparse_moe.", ".mlp."),
@@ -112,26 +113,26 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     with torch.device("meta"):
         model = build_model(config)
     expected = {name for name, _ in model.named_parameters()}
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
+    raw: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
                 for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if our_name(name, config) in expected:
+                    # inv_freq: a buffer some old checkpoints saved; lm_head: a tied copy.
+                    skipped = (
+                        name.endswith("rotary_emb.inv_freq")
+                        or (name == "lm_head.weight" and "lm_head.weight" not in expected)
+                        or is_extra_layer(name, config)
+                    )
+                    if not skipped:
                         keep = name.endswith(model.keep_float32)
-                        state[our_name(name, config)] = reader.get_tensor(name).to(
+                        raw[our_name(name, config)] = reader.get_tensor(name).to(
                             torch.float32 if keep else torch_dtype
                         )
-                    elif not (
-                        name.endswith("rotary_emb.inv_freq")
-                        or name == "lm_head.weight"
-                        or is_extra_layer(name, config)
-                    ):
-                        # inv_freq: a buffer some old checkpoints saved; lm_head: a tied copy.
-                        unexpected.append(name)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
+    state = stack_expert_weights(raw)
+    unexpected = [name for name in state if name not in expected]
     if unexpected:
         # NOTE: refused, not ignored: weights the config does not declare (biases, say) would otherwise
         # be dropped silently and the model would compute something else than it was trained to.
