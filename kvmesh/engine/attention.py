@@ -8,6 +8,9 @@ a padded `[b, max_q]` grid, each sequence's keys and values are gathered from it
 
 NOTE: groups exist so that a prompt chunk can ride in the same pass as running decodes: in one padded
 grid every decode row would be as wide as the chunk.
+
+With the "triton" backend (CUDA pools) none of that is built: one kernel walks the block tables in place
+for the whole batch (`kvmesh.engine.triton_attention`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kvmesh.engine.triton_attention import (
+    PagedAttentionMetadata,
+    build_paged_metadata,
+    triton_paged_attention,
+)
 
 SHORT_QUERY_TOKENS = 64
 """Sequences adding at most this many tokens share a group; longer chunks get a group each."""
@@ -44,6 +53,9 @@ class AttentionBatch:
     slot_mapping: torch.Tensor
     """[T] int64: flat slot (block_id * block_size + offset) where each new token's K and V are written."""
     groups: tuple[AttentionGroup, ...]
+    """The "sdpa" backend's padded groups (empty with "triton")."""
+    paged: PagedAttentionMetadata | None = None
+    """The "triton" backend's per-sequence metadata (None with "sdpa")."""
 
 
 def _group_of(num_new: list[int]) -> list[list[int]]:
@@ -61,11 +73,12 @@ def build_attention_batch(
     block_size: int,
     sliding_window: int | None,
     device: torch.device,
+    backend: str = "sdpa",
 ) -> tuple[AttentionBatch, torch.Tensor]:
     """Metadata for sequences that have `num_cached[b]` tokens in the pool and add `num_new[b]` now.
 
     Returns the batch and the positions `[T]` of the new tokens. Every sequence's block table must
-    already cover `num_cached[b] + num_new[b]` tokens.
+    already cover `num_cached[b] + num_new[b]` tokens. backend: "sdpa" (padded groups) or "triton".
     """
     new = torch.tensor(num_new, dtype=torch.int64)
     cached = torch.tensor(num_cached, dtype=torch.int64)
@@ -76,6 +89,9 @@ def build_attention_batch(
     for b, table in enumerate(block_tables):
         tables[b, : len(table)] = torch.tensor(table, dtype=torch.int64)
     slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    if backend == "triton":
+        paged = build_paged_metadata(block_tables, num_cached, num_new, block_size, sliding_window, device)
+        return AttentionBatch(slot_mapping.to(device), (), paged), positions.to(device)
     groups = tuple(
         _build_group(members, tables, cached, new, starts, block_size, sliding_window, device)
         for members in _group_of(num_new)
@@ -139,6 +155,8 @@ def paged_attention(
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
 
+    if batch.paged is not None:
+        return triton_paged_attention(q, k_cache, v_cache, batch.paged, scale)
     if len(batch.groups) == 1:
         return _attend(q, k_cache, v_cache, batch.groups[0], scale)
     out = torch.empty_like(q)

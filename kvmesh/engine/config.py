@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+ATTENTION_BACKENDS = ("auto", "sdpa", "triton")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     """Token budget of one forward pass: decodes, draft tokens to verify and prompt chunks together. A
     small budget keeps running streams' inter-token gaps short while prompts prefill beside them."""
+    attention_backend: str = "auto"
+    """"sdpa" (gather each sequence's blocks, then torch's SDPA per group of query lengths), "triton" (one
+    kernel reads the pool in place: CUDA, K/V pools), or "auto": triton on CUDA when it can, else sdpa."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "prefill_chunk_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -36,3 +40,7 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )

@@ -16,6 +16,7 @@ The sequence protocol the scheduler and the workers build on:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -40,6 +41,28 @@ from kvmesh.engine.model_config import ModelConfig
 from kvmesh.engine.sampling import SamplingParams, sample_batch
 from kvmesh.engine.sequence import FinishReason, Sequence, StopChecker
 from kvmesh.engine.tokenizer import Tokenizer
+from kvmesh.engine.triton_attention import triton_available
+
+
+def choose_attention_backend(config: EngineConfig, device: torch.device, layout: KVLayout) -> str:
+    """The attention backend for an engine's pool: "auto" resolves to "triton" on CUDA with triton
+    installed and a K/V pool, else "sdpa". An explicit "triton" that cannot run is refused, saying why."""
+    why_not = None
+    if layout.latent:
+        why_not = "multi-latent attention attends its latent pool with its own code"
+    elif not triton_available():
+        why_not = "triton is not installed"
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        why_not = (
+            f"the kernel runs on CUDA (this engine is on {device}; TRITON_INTERPRET=1 runs its interpreter)"
+        )
+    elif layout.block_size & (layout.block_size - 1):
+        why_not = f"the kernel needs a power-of-two block size (got {layout.block_size})"
+    if config.attention_backend == "triton" and why_not:
+        raise ValueError(f"attention_backend 'triton' cannot run: {why_not}")
+    if config.attention_backend == "auto":
+        return "triton" if why_not is None and device.type == "cuda" else "sdpa"
+    return config.attention_backend
 
 
 class Engine:
@@ -72,6 +95,7 @@ class Engine:
         self.pool = KVPool(layout, self.device, storage, config.enable_prefix_caching)
         self.model_fingerprint = model_fingerprint or model.config.fingerprint()
         self.stop_checker = StopChecker(tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
+        self.attention_backend = choose_attention_backend(config, self.device, layout)
 
     @classmethod
     def from_pretrained(
@@ -179,6 +203,7 @@ class Engine:
             self.block_size,
             self.config.sliding_window,
             self.device,
+            self.attention_backend,
         )
         ends = torch.tensor(num_new).cumsum(0).tolist()
         rows = [

@@ -1,0 +1,236 @@
+"""Paged attention as one Triton kernel that reads K and V from the pool in place.
+
+`attention.paged_attention` gathers each sequence's blocks into a contiguous copy and runs SDPA per
+group of similar query lengths. This kernel instead walks the block table itself, so a forward pass of
+any mix of decodes, speculative verifications and prompt chunks is one launch with no copy.
+
+Grid: `(query tile, sequence, kv head)`. A program owns up to `BLOCK_Q` consecutive queries of one
+sequence together with all `GROUP = num_heads // num_kv_heads` query heads that share the kv head, as
+one `[BLOCK_M = BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD]` tile (row r is query `r // GROUP_PAD`, head
+`r % GROUP_PAD` of the group), so every K/V tile it loads serves the whole GQA group.
+
+Loop: over the tile's key positions in steps of `BLOCK_N` keys. For each key the block id comes from
+the block table (`block_table[p // block_size]`, slot `p % block_size`), the QK product and the PV
+product are `tl.dot`s, and softmax is online (running max and sum, float32, base 2). The loop starts at
+the first key any of the tile's queries can see (0, or the sliding window's start for its first query)
+and stops after its last query's position, so fully masked key tiles are never loaded; inside the range
+a key is masked per query when it is past the query's position or outside its window.
+
+Head dims that are not a power of two (80, 96, 192) are padded to one and masked. The output is cast to
+q's dtype. The caller writes the new tokens' K/V into the pool before the call.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PagedAttentionMetadata", "build_paged_metadata", "triton_available", "triton_paged_attention"]
+
+
+def triton_available() -> bool:
+    """True when triton imports; kvmesh runs without it (it is only a test extra)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class PagedAttentionMetadata:
+    """Where each sequence's queries and keys are; built once per forward pass, shared by every layer."""
+
+    block_tables: torch.Tensor
+    """[B, max_blocks] int32: each sequence's blocks, padded with block 0 (never read)."""
+    num_cached: torch.Tensor
+    """[B] int32: tokens of each sequence already in the pool before this pass."""
+    num_new: torch.Tensor
+    """[B] int32: tokens each sequence adds in this pass (its queries)."""
+    query_start: torch.Tensor
+    """[B] int32: row of the flat batch where each sequence's queries begin."""
+    max_num_new: int
+    block_size: int
+    sliding_window: int | None
+
+
+def build_paged_metadata(
+    block_tables: list[list[int]],
+    num_cached: list[int],
+    num_new: list[int],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device | str,
+) -> PagedAttentionMetadata:
+    """Metadata for sequences that have `num_cached[b]` tokens in the pool and add `num_new[b]` now.
+
+    Every block table must already cover `num_cached[b] + num_new[b]` tokens; the queries are the flat
+    batch's rows in sequence order.
+    """
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    tables = torch.zeros(len(block_tables), max(len(table) for table in block_tables), dtype=torch.int32)
+    for b, table in enumerate(block_tables):
+        tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    new = torch.tensor(num_new, dtype=torch.int32)
+    return PagedAttentionMetadata(
+        block_tables=tables.to(device),
+        num_cached=torch.tensor(num_cached, dtype=torch.int32).to(device),
+        num_new=new.to(device),
+        query_start=(torch.cumsum(new, 0, dtype=torch.int32) - new).to(device),
+        max_num_new=max(num_new),
+        block_size=block_size,
+        sliding_window=sliding_window,
+    )
+
+
+@functools.cache
+def _kernel():
+    """The @triton.jit kernel, built on first use so that importing this module does not need triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, cached_ptr, new_ptr, start_ptr,
+        qk_scale, window,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_table,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+        USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        tile, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        num_new = tl.load(new_ptr + seq)
+        first_q = tile * BLOCK_Q
+        # NOTE: the grid has tiles for the longest sequence; shorter ones have nothing to do in the rest.
+        if first_q >= num_new:
+            return
+        num_cached = tl.load(cached_ptr + seq)
+
+        rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        q_index = first_q + rows // GROUP_PAD  # query's index within the sequence's new tokens
+        head = kv_head * GROUP + rows % GROUP_PAD
+        row_valid = (q_index < num_new) & (rows % GROUP_PAD < GROUP)
+        q_pos = num_cached + q_index  # absolute position of each row's query
+        token = (tl.load(start_ptr + seq) + q_index).to(tl.int64)
+        dims = tl.arange(0, HEAD_DIM_PAD)
+        dim_valid = dims < HEAD_DIM
+        q_offsets = token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+        # Keys this tile can see: up to its last query's position, from its first query's window start.
+        key_end = num_cached + tl.minimum(first_q + BLOCK_Q, num_new)
+        key_start = 0
+        if USE_WINDOW:
+            key_start = tl.maximum(num_cached + first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+
+        # NOTE: the running max starts finite, not -inf, so a row that sees no key in some tile (padding
+        # rows, or a window that starts later) gets exp(-inf - m) = 0 rather than exp(-inf + inf) = NaN.
+        m_i = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+        for n_start in range(key_start, key_end, BLOCK_N):
+            k_pos = n_start + tl.arange(0, BLOCK_N)
+            k_valid = k_pos < key_end
+            block = tl.load(tables_ptr + seq * stride_table + k_pos // PAGE, mask=k_valid, other=0)
+            # NOTE: int64 offsets: a large pool has more than 2**31 elements.
+            kv_offsets = (
+                block.to(tl.int64)[:, None] * stride_kb
+                + (k_pos % PAGE)[:, None] * stride_ks
+                + kv_head * stride_kh
+                + dims[None, :]
+            )
+            kv_mask = k_valid[:, None] & dim_valid[None, :]
+            k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            visible = k_pos[None, :] <= q_pos[:, None]  # causal; for real rows also hides keys past key_end
+            if USE_WINDOW:
+                visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # A padding row can see no key at all (l_i == 0, with a window); it is not stored, but keep it finite.
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out_offsets = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+        tl.store(
+            out_ptr + out_offsets,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & dim_valid[None, :],
+        )
+
+    return paged_attention_kernel
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def triton_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of each sequence's new queries over its cached and new tokens, read from the pool.
+
+    q: [T, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    (one layer of the pool, the new tokens' K/V already written). Returns [T, num_heads, head_dim],
+    written into `out` when given (every row of it is written).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not split into {num_kv_heads} kv heads")
+    if k_cache.shape[1] != meta.block_size or k_cache.shape[3] != head_dim:
+        raise ValueError(f"pool {tuple(k_cache.shape)} does not match block_size {meta.block_size} / q")
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, q is {tuple(q.shape)} {q.dtype}")
+    if k_cache.stride() != v_cache.stride() or (q.stride(2), out.stride(2), k_cache.stride(3)) != (1, 1, 1):
+        raise ValueError("q, out and the pool need a contiguous head dim, and k/v caches the same strides")
+    if num_tokens == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    group_pad = _next_power_of_2(group)
+    head_dim_pad = max(_next_power_of_2(head_dim), 16)
+    # NOTE: tl.dot needs at least 16 rows, so BLOCK_Q * GROUP_PAD >= 16; an all-decode batch gets
+    # tiles just that small, a batch with longer queries ~64 rows (its decodes then waste padding rows).
+    # BLOCK_Q is a constexpr, so there is one compiled variant per power of two it takes (a handful).
+    block_q = min(_next_power_of_2(meta.max_num_new), max(64 // group_pad, 1))
+    block_q = max(block_q, 16 // group_pad, 1)
+    # NOTE: 64-key K/V tiles while a key is at most 256 bytes (16-bit up to 128 dims); wider keys (fp32 at
+    # 128 dims, any dtype at 256) take 32, so the pipelined copies of both tiles fit in shared memory.
+    block_n = 64 if head_dim_pad * q.element_size() <= 256 else 32
+    grid = (_cdiv(meta.max_num_new, block_q), meta.block_tables.shape[0], num_kv_heads)
+    _kernel()[grid](
+        q, k_cache, v_cache, out,
+        meta.block_tables, meta.num_cached, meta.num_new, meta.query_start,
+        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        meta.sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
+        PAGE=meta.block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        USE_WINDOW=meta.sliding_window is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # NOTE: not tf32 for fp32 pools
+        num_warps=4 if head_dim_pad <= 128 else 8,
+    )  # fmt: skip
+    return out
