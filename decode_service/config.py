@@ -28,6 +28,9 @@ class DecodeConfig:
     """Seconds at most that the blocks of a cancelled shared-memory transfer stay out of the pool, so a prefill
     worker's late write can never land in blocks that another request already owns. They go back as soon as
     the prefill worker confirms that its writer stopped (CancelPrefill); this bound is for when it cannot."""
+    layerwise_transfer: bool = True
+    """Ask prefill workers to ship each layer's blocks as soon as the prompt's last chunk computed that layer
+    (the transfer overlaps the compute); False: the blocks leave after the whole prompt is computed."""
 
     def __post_init__(self) -> None:
         if self.max_stop_strings < 0 or self.max_stop_string_chars <= 0:

@@ -260,6 +260,7 @@ async def serve(config: DecodeConfig) -> RunningServer:
         tls=config.server.tls,
         collective=collective,
         exported_pool=exported[0] if exported else None,
+        layerwise=config.layerwise_transfer,
     )
     servicer = DecodeServicer(engine, loop, prefill, config)
     running = await start_server(

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvmesh.engine.config import ATTENTION_BACKENDS
+
 ROLES = ("gateway", "prefill", "decode", "cache-store")
 DECODE_TOKEN_BUDGET = 256
 """A decode worker's default token budget per pass (bench/interference.py measures what it buys)."""
@@ -118,6 +120,13 @@ WORKER_OPTIONS = (
     Option("--num-blocks", _optional_int, None, "KV pool size in blocks (overrides --kv-cache-bytes)"),
     Option("--prefill-chunk-size", int, 512, "most prompt tokens per sequence per forward pass"),
     Option("--max-num-seqs", int, 32, "most sequences per forward pass"),
+    Option(
+        "--attention-backend",
+        str,
+        "auto",
+        "sdpa, triton (reads the KV pool in place; CUDA), or auto (triton on CUDA when installed)",
+        ATTENTION_BACKENDS,
+    ),
     Option("--advertise-host", str, "127.0.0.1", "host other roles dial to reach this worker"),
     Option("--worker-id", str, "", "unique worker id (default: role@host:port)"),
     Option("--host-id", str, None, "machine identity for shared memory (default: hostname/boot id)"),
@@ -199,6 +208,13 @@ ROLE_OPTIONS: dict[str, tuple[Option, ...]] = {
         MAX_STOP_STRING_CHARS,
         Option(
             "--kv-quarantine-s", float, 2.0, "most seconds a cancelled shm transfer's blocks stay out of use"
+        ),
+        Option(
+            "--layerwise-transfer",
+            _boolean,
+            True,
+            "ask prefill workers to ship each layer's KV as soon as the last chunk computed it",
+            boolean=True,
         ),
     ),
     "cache-store": (

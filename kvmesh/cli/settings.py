@@ -147,6 +147,7 @@ def role_settings(
                     max_stop_string_chars=values["max_stop_string_chars"],
                     metrics_port=values["metrics_port"],
                     kv_quarantine_s=values["kv_quarantine_s"],
+                    layerwise_transfer=values["layerwise_transfer"],
                     require_cache_salt=values["require_cache_salt"],
                 )
     except ValueError as error:  # a config's own checks (__post_init__)
@@ -182,6 +183,7 @@ def _worker_settings(
         enable_prefix_caching=values["prefix_caching"],
         max_num_seqs=values["max_num_seqs"],
         max_num_batched_tokens=values["max_num_batched_tokens"],
+        attention_backend=values["attention_backend"],
     )
     model = ModelSettings(
         path=values["model"] or _default_model(default_model),
