@@ -77,14 +77,18 @@ class Role:
         if self.process.stdout is not None:
             self.process.stdout.close()
 
+    def log_lines(self) -> list[str]:
+        """The role's log so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return [line.rstrip() for line in self.log]
+
     def log_problems(self) -> list[str]:
         """Lines of the role's log at ERROR or above, and tracebacks: none is expected from an event the
         mesh is built to survive (a worker killed, a store restarted, a drain)."""
-        self.log.flush()
-        self.log.seek(0)
         return [
-            line.rstrip()
-            for line in self.log
+            line
+            for line in self.log_lines()
             if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
         ]
 

@@ -67,14 +67,18 @@ def test_a_decode_worker_killed_mid_stream_is_resumed_on_another_without_gap_or_
     assert mesh.log_problems() == {}  # a lost worker is an expected event: no ERROR, no traceback
 
 
-def test_a_prefill_worker_killed_during_a_transfer_does_not_fail_the_request(model):
+@pytest.mark.parametrize("transport", ["shm", "nccl"])
+def test_a_prefill_worker_killed_during_a_transfer_does_not_fail_the_request(model, transport):
+    """nccl: the NCCL transport's gloo twin (CPU pools); the decode worker's receive fails when its peer's
+    socket dies, and the gateway retries the request."""
     # A long prompt, prefilled 16 tokens a pass, keeps the prefill worker busy long enough to be caught.
     prefix = PREFIX + "".join(f"    parser.add_argument('--option-{i}', type=int)\n    " for i in range(60))
     assert 1000 < len(prompt_tokens(model, prefix)) < 1900
     with Mesh(
         model,
         num_decode=2,
-        transport="shm",
+        transport="shm" if transport == "shm" else "auto",  # the gateway picks what both workers offer
+        worker_args=("--transports", f"{transport},grpc"),
         prefill_args=("--prefill-chunk-size", "16", "--max-num-batched-tokens", "16"),
         metrics=True,
     ) as mesh:
@@ -107,6 +111,10 @@ def test_a_prefill_worker_killed_during_a_transfer_does_not_fail_the_request(mod
         assert prefill.process.wait(10) == -signal.SIGKILL, "the prefill worker finished before the kill"
         assert not [r for r in result if isinstance(r, grpc.RpcError)], result
         assert tokens_of(result) == expected_tokens(model, 8, prefix)
+        # The first attempt failed with the transfer (the decode worker's receive saw its peer die), and the
+        # gateway retried it: a WARNING, not an ERROR.
+        retries = [line for line in mesh.roles["gateway"].log_lines() if "decode attempt 1 failed" in line]
+        assert len(retries) == 1 and "(UNAVAILABLE)" in retries[0], retries
         # Whichever decode worker took the first attempt gets its blocks back (after the quarantine of a
         # transfer whose writer cannot confirm it stopped: it was killed).
         decode_ports = [p for name, p in mesh.metrics_ports.items() if name.startswith("decode")]
