@@ -19,9 +19,10 @@ The parts, correctness first:
 4. engine_7b: random bf16 weights at Qwen2.5-Coder-7B's shape made on the device: copy bandwidth and the
    bf16 matmul rate; decode step time at batch 1 and 32 with 4k-token contexts against the floor
    (weights + KV bytes read / memory bandwidth, where bandwidth = 2 x bytes copied per second: a copy reads
-   and writes each byte); prefill tokens/s of a 4k prompt against the matmul rate (model FLOPs
-   utilisation); verifying K draft tokens in one pass against a one-token step, K = 1..64; decode tokens/s
-   of transformers' generate on the same weights.
+   and writes each byte), on the engine's attention backend (the Triton kernel on CUDA), on SDPA, and with
+   decode passes replayed as CUDA graphs; prefill tokens/s of a 4k prompt against the matmul rate (model
+   FLOPs utilisation); verifying K draft tokens in one pass against a one-token step, K = 1..64; decode
+   tokens/s of transformers' generate on the same weights.
 5. mesh_ttft: the four roles as processes on this host (workers on the device, KV over cuda_ipc), TTFT
    p50 of a ~1k-token prompt through the mesh against the engine in this process; then a warm keystroke's
    TTFT (the previous prompt plus one typed character: a prefix-cache hit on the decode worker) through
@@ -145,6 +146,8 @@ def headline(name: str, result: dict[str, Any]) -> str:
             f"b1 {get('decode_b1_step_ms', '.2f')} ms = {get('decode_b1_vs_floor', '.2f')}x floor (<= 1.3)",
             f"b{big} {get(f'decode_b{big}_step_ms', '.2f')} ms = {get(f'decode_b{big}_vs_floor', '.2f')}x floor"
             f" (<= 1.6; {get('attention_backend', 's')}; sdpa {get(f'sdpa_decode_b{big}_step_ms', '.2f')} ms)",
+            f"CUDA graphs: b1 {get('graphs_decode_b1_step_ms', '.2f')} ms, b{big}"
+            f" {get(f'graphs_decode_b{big}_step_ms', '.2f')} ms",
             f"prefill {get('prefill_tokens_per_s', ',.0f')} tok/s = {get('prefill_vs_matmul', '.2f')} of matmul"
             " (>= 0.5)",
             f"verify K=16/64: {verify.get('16', float('nan')):.2f}x/{verify.get('64', float('nan')):.2f}x",

@@ -127,6 +127,13 @@ WORKER_OPTIONS = (
         "sdpa, triton (reads the KV pool in place; CUDA), or auto (triton on CUDA when installed)",
         ATTENTION_BACKENDS,
     ),
+    Option(
+        "--cuda-graphs",
+        _boolean,
+        False,
+        "replay decode passes as CUDA graphs (needs CUDA and the triton attention backend)",
+        boolean=True,
+    ),
     Option("--advertise-host", str, "127.0.0.1", "host other roles dial to reach this worker"),
     Option("--worker-id", str, "", "unique worker id (default: role@host:port)"),
     Option("--host-id", str, None, "machine identity for shared memory (default: hostname/boot id)"),

@@ -184,6 +184,7 @@ def _worker_settings(
         max_num_seqs=values["max_num_seqs"],
         max_num_batched_tokens=values["max_num_batched_tokens"],
         attention_backend=values["attention_backend"],
+        cuda_graphs=values["cuda_graphs"],
     )
     model = ModelSettings(
         path=values["model"] or _default_model(default_model),

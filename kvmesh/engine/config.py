@@ -31,6 +31,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     """"sdpa" (gather each sequence's blocks, then torch's SDPA per group of query lengths), "triton" (one
     kernel reads the pool in place: CUDA, K/V pools), or "auto": triton on CUDA when it can, else sdpa."""
+    cuda_graphs: bool = False
+    """Capture decode passes as CUDA graphs, one per batch size up to max_num_seqs, and replay them
+    (`kvmesh.engine.cuda_graphs`); needs CUDA and the triton backend. Off by default until measured on a GPU."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "prefill_chunk_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -27,6 +27,7 @@ from kvmesh.engine.attention import build_attention_batch
 from kvmesh.engine.batch import Batch, ScheduledSeq
 from kvmesh.engine.block_hash import hash_block, hash_blocks, model_fingerprint, namespace_hash
 from kvmesh.engine.config import EngineConfig
+from kvmesh.engine.cuda_graphs import DecodeGraphs
 from kvmesh.engine.kv_cache import (
     KVLayout,
     KVPool,
@@ -96,6 +97,10 @@ class Engine:
         self.model_fingerprint = model_fingerprint or model.config.fingerprint()
         self.stop_checker = StopChecker(tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
         self.attention_backend = choose_attention_backend(config, self.device, layout)
+        self.decode_graphs: DecodeGraphs | None = None
+        """Static-buffer decode passes (`kvmesh.engine.cuda_graphs`); with config.cuda_graphs, captured."""
+        if config.cuda_graphs:
+            self.decode_graphs = DecodeGraphs(self, capture=True)
 
     @classmethod
     def from_pretrained(
@@ -191,6 +196,10 @@ class Engine:
                 raise ValueError(f"sequence {seq.seq_id} has no {n} uncomputed tokens")
             if self.num_blocks_needed(seq, seq.num_computed_tokens + n):
                 raise ValueError(f"sequence {seq.seq_id} has no blocks reserved for {n} new tokens")
+        graphs = self.decode_graphs
+        decodes_only = num_new == [1] * len(seqs) and all(item.num_logits == 1 for item in batch.items)
+        if graphs is not None and decodes_only and graphs.size_for(len(seqs)):
+            return self._computed(seqs, num_new, list(graphs.run(seqs).split(1)))
         input_ids = [
             t
             for seq, n in zip(seqs, num_new, strict=True)
@@ -212,7 +221,12 @@ class Engine:
         with torch.inference_mode():
             hidden = self.model(torch.tensor(input_ids, device=self.device), positions, self.pool, attention)
             logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
-        out = list(torch.split(logits, [item.num_logits for item in batch.items]))
+        return self._computed(seqs, num_new, list(torch.split(logits, [i.num_logits for i in batch.items])))
+
+    def _computed(
+        self, seqs: list[Sequence], num_new: list[int], out: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """After a pass: each sequence's new tokens are computed (and its full blocks findable); returns out."""
         for seq, n in zip(seqs, num_new, strict=True):
             seq.num_computed_tokens += n
             seq.num_forward_passes += 1

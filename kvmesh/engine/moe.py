@@ -79,7 +79,10 @@ class Experts(nn.Module):
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)  # [T*k] pair indices, grouped by expert
         token_of_pair = order // top_k
-        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
+        # NOTE: scatter_add_, not bincount: bincount on CUDA reads its input's max on the host, which a CUDA
+        # graph capture cannot do.
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
         routed = x.index_select(0, token_of_pair)  # [T*k, hidden]
         gate, up = self._grouped(routed, self.gate_up_proj, counts).chunk(2, dim=-1)
         outputs = self._grouped(F.silu(gate) * up, self.down_proj, counts)

@@ -151,6 +151,7 @@ def engine_checks() -> dict[str, dict]:
     """The engine with attention_backend "triton" against "sdpa" on the same tiny random model: a batch of
     prompts generated greedily (prompt chunks, decodes and the two mixed in passes), one prompt's logits,
     and a speculative edit (drafts verified many tokens a pass). Run in the interpreter's child."""
+    from kvmesh.engine.cuda_graphs import DecodeGraphs
     from kvmesh.engine.generate import generate_speculative
     from tests.factories import make_engine, random_ids
 
@@ -164,7 +165,25 @@ def engine_checks() -> dict[str, dict]:
     logits_error = (kernel.logits(prompts[2]) - sdpa.logits(prompts[2])).abs().max().item()
     draft = expected[1][:3] + [7, 9] + expected[1][5:]  # two wrong tokens: a rejection, then a resumption
     edited, stats = generate_speculative(kernel, prompts[1], draft, 8, ignore_eos=True)
+    # Decode passes on static buffers (what a CUDA graph replays), without the capture: 3 and 5 sequences run
+    # padded to the sizes 4 and 8, the padding rows on a scratch block.
+    buffered = make_engine(attention_backend="triton", max_num_seqs=8, **options)
+    buffered.decode_graphs = DecodeGraphs(buffered, (1, 2, 4, 8), capture=False)
+    more = [*prompts, random_ids(9, seed=7)]
+    static = [
+        buffered.generate_batch(prompts[:3], 8, ignore_eos=True),
+        buffered.generate_batch(more, 8, ignore_eos=True),
+    ]
+    static_expected = [
+        sdpa.generate_batch(prompts[:3], 8, ignore_eos=True),
+        sdpa.generate_batch(more, 8, ignore_eos=True),
+    ]
     return {
+        "engine-decode-buffers": {
+            "equal": static == static_expected,
+            "got": static,
+            "blocks_used_after": buffered.pool.allocator.num_used,
+        },
         "engine-greedy-batch": {"equal": generated == expected, "expected": expected, "got": generated},
         "engine-logits": {"max_error": logits_error},
         "engine-speculative": {
@@ -176,7 +195,7 @@ def engine_checks() -> dict[str, dict]:
     }
 
 
-ENGINE_CHECKS = ("engine-greedy-batch", "engine-logits", "engine-speculative")
+ENGINE_CHECKS = ("engine-greedy-batch", "engine-logits", "engine-speculative", "engine-decode-buffers")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +232,15 @@ def test_the_engine_on_the_kernel_generates_what_it_generates_on_sdpa(interprete
 
 
 @needs_triton
+def test_decode_passes_on_static_buffers_generate_what_sdpa_generates(interpreted_results):
+    """The CUDA graph path's buffers and padding, run eagerly: what the graph replays, minus the capture."""
+    result = interpreted_results["engine-decode-buffers"]
+    assert "error" not in result, result.get("error")
+    assert result["equal"], result
+    assert result["blocks_used_after"] == 1  # the scratch block; every sequence's blocks went back
+
+
+@needs_triton
 def test_a_speculative_edit_on_the_kernel_equals_plain_greedy(interpreted_results):
     result = interpreted_results["engine-speculative"]
     assert result["equal"], result
@@ -226,6 +254,8 @@ def test_an_engine_refuses_a_triton_backend_it_cannot_run():
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1 runs its interpreter|triton is not installed"):
         make_engine(attention_backend="triton")
     assert make_engine().attention_backend == "sdpa"  # auto on a CPU
+    with pytest.raises(ValueError, match="decode graphs need the triton attention backend"):
+        make_engine(cuda_graphs=True)
 
 
 def test_metadata_rows_and_padding():
@@ -285,6 +315,27 @@ def test_a_cuda_engine_chooses_the_kernel_and_generates_what_sdpa_generates():
     assert kernel.generate_batch(prompts, 16, ignore_eos=True) == sdpa.generate_batch(
         prompts, 16, ignore_eos=True
     )
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_decode_passes_replayed_as_cuda_graphs_generate_what_eager_passes_generate():
+    from kvmesh.engine.config import EngineConfig
+    from kvmesh.engine.engine import Engine
+    from tests.factories import make_model, make_tokenizer, random_ids
+
+    def engine(cuda_graphs: bool) -> Engine:
+        config = EngineConfig(block_size=16, num_blocks=128, max_num_seqs=8, cuda_graphs=cuda_graphs)
+        return Engine(make_model().to("cuda", torch.bfloat16), make_tokenizer(), config)
+
+    graphs, eager = engine(True), engine(False)
+    assert graphs.decode_graphs is not None and sorted(graphs.decode_graphs.graphs) == [1, 2, 4, 8]
+    for num in (1, 3, 8):  # exact, padded, the largest size
+        prompts = [random_ids(7 + 11 * i, seed=i) for i in range(num)]
+        assert graphs.generate_batch(prompts, 24, ignore_eos=True) == eager.generate_batch(
+            prompts, 24, ignore_eos=True
+        )
+    assert graphs.pool.allocator.num_used == 1  # the scratch block
 
 
 def _patch_interpreter() -> None:
