@@ -47,11 +47,9 @@ from kvmesh.engine.triton_attention import triton_available
 
 def choose_attention_backend(config: EngineConfig, device: torch.device, layout: KVLayout) -> str:
     """The attention backend for an engine's pool: "auto" resolves to "triton" on CUDA with triton
-    installed and a K/V pool, else "sdpa". An explicit "triton" that cannot run is refused, saying why."""
+    installed, else "sdpa". An explicit "triton" that cannot run is refused, saying why."""
     why_not = None
-    if layout.latent:
-        why_not = "multi-latent attention attends its latent pool with its own code"
-    elif not triton_available():
+    if not triton_available():
         why_not = "triton is not installed"
     elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         why_not = (

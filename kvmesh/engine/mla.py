@@ -17,6 +17,9 @@ Two ways to attend, equal in exact arithmetic (tests/engine/test_mla.py checks b
   the query moves into latent space and every head attends to the one cached vector (MQA with head dim
   R + rope, the heads folded into the query axis); the output W_uv[h] (sum_j p_hj c_j) is projected up
   after attention. Nothing per head is materialised per cached token.
+
+With the "triton" attention backend (CUDA) every token, prompt chunks too, takes the absorbed form through
+one kernel that reads the latent pool in place (`triton_attention.triton_latent_attention`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kvmesh.engine.attention import AttentionBatch, AttentionGroup
 from kvmesh.engine.kv_cache import KVPool
 from kvmesh.engine.model import RMSNorm, rope_inverse_frequencies
 from kvmesh.engine.model_config import MLAConfig, ModelConfig, RopeConfig
+from kvmesh.engine.triton_attention import triton_latent_attention
 
 LATENT_NORM_EPS = 1e-6
 """q_a_layernorm and kv_a_layernorm use RMSNorm's default epsilon, not rms_norm_eps (as transformers)."""
@@ -109,6 +113,13 @@ class MultiLatentAttention(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(compressed), k_pe], dim=-1)
         cache.view(-1, mla.latent_dim).index_copy_(0, batch.slot_mapping, latent)
 
+        if (
+            batch.paged is not None
+        ):  # the "triton" backend: every token in latent space, the pool read in place
+            w_uk, w_uv = self.up_projections()
+            q_latent = torch.cat([torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe], dim=-1)
+            out = triton_latent_attention(q_latent, cache, mla.kv_lora_rank, batch.paged, mla.softmax_scale)
+            return self.o_proj(torch.einsum("thr,hvr->thv", out, w_uv).reshape(num_tokens, -1))
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = q.new_empty(num_tokens, self.num_heads, mla.v_head_dim)
         for group in batch.groups:

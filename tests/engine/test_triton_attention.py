@@ -6,6 +6,7 @@ and the interpreter writes into the kernel module's globals, so it cannot be swi
 one process only. `interpreted_results` runs this file as a script once, with the variable set in the
 child's environment alone, over every case of INTERPRETED; each test then checks its case's result.
 One case by hand: `TRITON_INTERPRET=1 python -m tests.engine.test_triton_attention out.json mixed-gqa4`.
+test_triton_mla runs its own child the same way (`run_interpreted_child`, `_patch_interpreter`).
 
 The `gpu` tests run the compiled kernel on CUDA in this process.
 """
@@ -57,6 +58,9 @@ INTERPRETED = {
     "mixed-gqa8": replace(MIXED, num_heads=16, num_kv_heads=2),
     "mixed-mqa8": replace(MIXED, num_heads=8, num_kv_heads=1),
     "mixed-gqa3": replace(MIXED, num_heads=6, num_kv_heads=2),  # a group that is not a power of two
+    # Groups of 72 and 128: over 64 rows, so each kv head's group is split over two programs.
+    "split-group-72": replace(UNEVEN, num_heads=144, num_kv_heads=2, head_dim=32),
+    "split-group-128": replace(DECODES, num_heads=128, num_kv_heads=1, head_dim=32),
     "head-dim-80": replace(UNEVEN, head_dim=80),
     "head-dim-96": replace(UNEVEN, head_dim=96),
     "head-dim-192": replace(UNEVEN, head_dim=192),
@@ -147,72 +151,30 @@ def max_error(case: Case, inputs: Inputs) -> float:
     return float("inf") if out.isnan().any() else (out - expected).abs().max().item()
 
 
-def engine_checks() -> dict[str, dict]:
-    """The engine with attention_backend "triton" against "sdpa" on the same tiny random model: a batch of
-    prompts generated greedily (prompt chunks, decodes and the two mixed in passes), one prompt's logits,
-    and a speculative edit (drafts verified many tokens a pass). Run in the interpreter's child."""
-    from kvmesh.engine.cuda_graphs import DecodeGraphs
-    from kvmesh.engine.generate import generate_speculative
-    from tests.factories import make_engine, random_ids
-
-    options = {"max_num_batched_tokens": 24, "prefill_chunk_size": 16}
-    sdpa = make_engine(attention_backend="sdpa", **options)
-    kernel = make_engine(attention_backend="triton", **options)
-    assert kernel.attention_backend == "triton" and sdpa.attention_backend == "sdpa"
-    prompts = [random_ids(n, seed=seed) for seed, n in enumerate((5, 23, 41, 2), start=1)]
-    expected = sdpa.generate_batch(prompts, 8, ignore_eos=True)
-    generated = kernel.generate_batch(prompts, 8, ignore_eos=True)
-    logits_error = (kernel.logits(prompts[2]) - sdpa.logits(prompts[2])).abs().max().item()
-    draft = expected[1][:3] + [7, 9] + expected[1][5:]  # two wrong tokens: a rejection, then a resumption
-    edited, stats = generate_speculative(kernel, prompts[1], draft, 8, ignore_eos=True)
-    # Decode passes on static buffers (what a CUDA graph replays), without the capture: 3 and 5 sequences run
-    # padded to the sizes 4 and 8, the padding rows on a scratch block.
-    buffered = make_engine(attention_backend="triton", max_num_seqs=8, **options)
-    buffered.decode_graphs = DecodeGraphs(buffered, (1, 2, 4, 8), capture=False)
-    more = [*prompts, random_ids(9, seed=7)]
-    static = [
-        buffered.generate_batch(prompts[:3], 8, ignore_eos=True),
-        buffered.generate_batch(more, 8, ignore_eos=True),
-    ]
-    static_expected = [
-        sdpa.generate_batch(prompts[:3], 8, ignore_eos=True),
-        sdpa.generate_batch(more, 8, ignore_eos=True),
-    ]
-    return {
-        "engine-decode-buffers": {
-            "equal": static == static_expected,
-            "got": static,
-            "blocks_used_after": buffered.pool.allocator.num_used,
-        },
-        "engine-greedy-batch": {"equal": generated == expected, "expected": expected, "got": generated},
-        "engine-logits": {"max_error": logits_error},
-        "engine-speculative": {
-            "equal": edited == expected[1],
-            "got": edited,
-            "accepted": stats.accepted_prediction_tokens,
-            "passes": stats.forward_passes,
-        },
-    }
-
-
-ENGINE_CHECKS = ("engine-greedy-batch", "engine-logits", "engine-speculative", "engine-decode-buffers")
+def run_interpreted_child(
+    module: str, output: Path, names: list[str], timeout: float = 240
+) -> dict[str, dict]:
+    """`python -m module output *names` with TRITON_INTERPRET=1 in the child's environment alone; the
+    results it wrote to output (name -> result). The module's `__main__` patches the interpreter
+    (`_patch_interpreter`) and writes one result per name."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, str(output), *names],
+        cwd=ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0 and output.exists(), result.stdout + result.stderr
+    return json.loads(output.read_text())
 
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory) -> dict[str, dict]:
     """Every INTERPRETED case run once in a child process under TRITON_INTERPRET=1: name -> result."""
     output = tmp_path_factory.mktemp("interpreted") / "results.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.engine.test_triton_attention", str(output), *INTERPRETED, "engine"],
-        cwd=ROOT,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert result.returncode == 0 and output.exists(), result.stdout + result.stderr
-    return json.loads(output.read_text())
+    return run_interpreted_child("tests.engine.test_triton_attention", output, list(INTERPRETED))
 
 
 @needs_triton
@@ -221,41 +183,6 @@ def test_interpreted_kernel_matches_paged_attention(interpreted_results, name):
     result = interpreted_results[name]
     assert "error" not in result, result.get("error")
     assert result["max_error"] <= INTERPRETED[name].tolerance, f"{name}: {result} (inf: a row left unwritten)"
-
-
-@needs_triton
-def test_the_engine_on_the_kernel_generates_what_it_generates_on_sdpa(interpreted_results):
-    greedy, logits = interpreted_results["engine-greedy-batch"], interpreted_results["engine-logits"]
-    assert "error" not in greedy, greedy.get("error")
-    assert greedy["equal"], greedy
-    assert logits["max_error"] < 1e-4, logits
-
-
-@needs_triton
-def test_decode_passes_on_static_buffers_generate_what_sdpa_generates(interpreted_results):
-    """The CUDA graph path's buffers and padding, run eagerly: what the graph replays, minus the capture."""
-    result = interpreted_results["engine-decode-buffers"]
-    assert "error" not in result, result.get("error")
-    assert result["equal"], result
-    assert result["blocks_used_after"] == 1  # the scratch block; every sequence's blocks went back
-
-
-@needs_triton
-def test_a_speculative_edit_on_the_kernel_equals_plain_greedy(interpreted_results):
-    result = interpreted_results["engine-speculative"]
-    assert result["equal"], result
-    assert result["accepted"] >= 3, result
-    assert result["passes"] < 2 + 8  # two prompt chunks, then fewer passes than tokens
-
-
-def test_an_engine_refuses_a_triton_backend_it_cannot_run():
-    from tests.factories import make_engine
-
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 runs its interpreter|triton is not installed"):
-        make_engine(attention_backend="triton")
-    assert make_engine().attention_backend == "sdpa"  # auto on a CPU
-    with pytest.raises(ValueError, match="decode graphs need the triton attention backend"):
-        make_engine(cuda_graphs=True)
 
 
 def test_metadata_rows_and_padding():
@@ -298,46 +225,6 @@ def test_cuda_kernel_matches_paged_attention(case):
     assert max_error(case, inputs) <= case.tolerance
 
 
-@pytest.mark.gpu
-@needs_triton
-def test_a_cuda_engine_chooses_the_kernel_and_generates_what_sdpa_generates():
-    from kvmesh.engine.config import EngineConfig
-    from kvmesh.engine.engine import Engine
-    from tests.factories import make_model, make_tokenizer, random_ids
-
-    def engine(backend: str) -> Engine:
-        config = EngineConfig(block_size=16, num_blocks=64, attention_backend=backend)
-        return Engine(make_model().to("cuda"), make_tokenizer(), config)
-
-    kernel, sdpa = engine("auto"), engine("sdpa")
-    assert kernel.attention_backend == "triton"
-    prompts = [random_ids(n, seed=seed) for seed, n in enumerate((5, 40, 130), start=1)]
-    assert kernel.generate_batch(prompts, 16, ignore_eos=True) == sdpa.generate_batch(
-        prompts, 16, ignore_eos=True
-    )
-
-
-@pytest.mark.gpu
-@needs_triton
-def test_decode_passes_replayed_as_cuda_graphs_generate_what_eager_passes_generate():
-    from kvmesh.engine.config import EngineConfig
-    from kvmesh.engine.engine import Engine
-    from tests.factories import make_model, make_tokenizer, random_ids
-
-    def engine(cuda_graphs: bool) -> Engine:
-        config = EngineConfig(block_size=16, num_blocks=128, max_num_seqs=8, cuda_graphs=cuda_graphs)
-        return Engine(make_model().to("cuda", torch.bfloat16), make_tokenizer(), config)
-
-    graphs, eager = engine(True), engine(False)
-    assert graphs.decode_graphs is not None and sorted(graphs.decode_graphs.graphs) == [1, 2, 4, 8]
-    for num in (1, 3, 8):  # exact, padded, the largest size
-        prompts = [random_ids(7 + 11 * i, seed=i) for i in range(num)]
-        assert graphs.generate_batch(prompts, 24, ignore_eos=True) == eager.generate_batch(
-            prompts, 24, ignore_eos=True
-        )
-    assert graphs.pool.allocator.num_used == 1  # the scratch block
-
-
 def _patch_interpreter() -> None:
     """Two gaps of triton 3.6's interpreter that the kernel runs into, closed in the child process only."""
     import numpy as np
@@ -375,12 +262,6 @@ def _run_interpreted(output: str, names: list[str]) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     _patch_interpreter()
     results = {}
-    if "engine" in names:
-        names.remove("engine")
-        try:
-            results.update(engine_checks())
-        except Exception:
-            results.update({name: {"error": traceback.format_exc()} for name in ENGINE_CHECKS})
     for name in names:
         case, seed = INTERPRETED[name], list(INTERPRETED).index(name)
         try:
