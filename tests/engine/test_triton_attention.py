@@ -19,6 +19,7 @@ import random
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -257,19 +258,24 @@ def _patch_interpreter() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot_widened
 
 
-def _run_interpreted(output: str, names: list[str]) -> None:
-    """The child of `interpreted_results`: each named case's max error (or its traceback) into output."""
+def write_case_results(output: str, names: list[str], cases: dict, max_error_of: Callable) -> None:
+    """A child's body: patch the interpreter, then each named case's max error (or its traceback) into output."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     _patch_interpreter()
     results = {}
     for name in names:
-        case, seed = INTERPRETED[name], list(INTERPRETED).index(name)
+        case, seed = cases[name], list(cases).index(name)
         try:
-            results[name] = {"max_error": max_error(case, make_inputs(case, seed=seed))}
+            results[name] = {"max_error": max_error_of(case, seed)}
         except Exception:
             results[name] = {"error": traceback.format_exc()}
     Path(output).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    _run_interpreted(sys.argv[1], sys.argv[2:])
+    write_case_results(
+        sys.argv[1],
+        sys.argv[2:],
+        INTERPRETED,
+        lambda case, seed: max_error(case, make_inputs(case, seed=seed)),
+    )

@@ -10,13 +10,9 @@ mixed-16`. The `gpu` tests run the compiled kernel on CUDA at DeepSeek-V2-Lite's
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import sys
-import traceback
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +22,7 @@ from kvmesh.engine.triton_attention import (
     triton_latent_attention,
     triton_paged_attention,
 )
-from tests.engine.test_triton_attention import _patch_interpreter, needs_triton, run_interpreted_child
+from tests.engine.test_triton_attention import needs_triton, run_interpreted_child, write_case_results
 
 
 @dataclass(frozen=True)
@@ -239,19 +235,10 @@ def test_the_kernel_refuses_mismatched_shapes():
         triton_latent_attention(inputs.q, inputs.cache, 64, meta, SCALE, out=torch.empty_like(inputs.q))
 
 
-def _run_interpreted(output: str, names: list[str]) -> None:
-    """The child of `interpreted_results`: each named case's max error (or its traceback) into output."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    _patch_interpreter()
-    results = {}
-    for name in names:
-        case, seed = INTERPRETED[name], list(INTERPRETED).index(name)
-        try:
-            results[name] = {"max_error": latent_max_error(case, make_latent_inputs(case, seed=seed))}
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-    Path(output).write_text(json.dumps(results, indent=1))
-
-
 if __name__ == "__main__":
-    _run_interpreted(sys.argv[1], sys.argv[2:])
+    write_case_results(
+        sys.argv[1],
+        sys.argv[2:],
+        INTERPRETED,
+        lambda case, seed: latent_max_error(case, make_latent_inputs(case, seed=seed)),
+    )
