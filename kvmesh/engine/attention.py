@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kvmesh.engine.triton_attention import (
     PagedAttentionMetadata,
-    build_paged_metadata,
+    paged_metadata,
     triton_paged_attention,
 )
 
@@ -90,7 +90,7 @@ def build_attention_batch(
         tables[b, : len(table)] = torch.tensor(table, dtype=torch.int64)
     slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     if backend == "triton":
-        paged = build_paged_metadata(block_tables, num_cached, num_new, block_size, sliding_window, device)
+        paged = paged_metadata(tables, cached, new, starts, block_size, sliding_window, device)
         return AttentionBatch(slot_mapping.to(device), (), paged), positions.to(device)
     groups = tuple(
         _build_group(members, tables, cached, new, starts, block_size, sliding_window, device)

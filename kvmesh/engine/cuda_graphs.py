@@ -94,9 +94,9 @@ class DecodeGraphs:
         positions = [seq.num_computed_tokens for seq in seqs] + [0] * num_pad
         tables = [seq.block_table for seq in seqs] + [[scratch]] * num_pad
         width = max(len(table) for table in tables)
-        host_tables = torch.full((size, width), scratch, dtype=torch.int32)
-        for row, table in enumerate(tables):
-            host_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        host_tables = torch.tensor(
+            [table + [scratch] * (width - len(table)) for table in tables], dtype=torch.int32
+        )
         slots = [
             table[p // block_size] * block_size + p % block_size
             for table, p in zip(tables, positions, strict=True)

@@ -9,6 +9,7 @@ renamed by the loader); `stack_expert_weights` stacks them into `Experts`' two w
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -107,14 +108,20 @@ class Experts(nn.Module):
 
 def _grouped_mm_works(rows: torch.Tensor) -> bool:
     """torch's grouped product runs on CPU in any float dtype, and on CUDA in bfloat16 on sm80 and later."""
+    return _grouped_mm_runs_on(rows.device, rows.dtype)
+
+
+@functools.cache
+def _grouped_mm_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Cached: asked by every sparse layer of every forward pass."""
     if GROUPED_MM is None:
         return False
-    if rows.device.type == "cpu":
+    if device.type == "cpu":
         return True
     return (
-        rows.device.type == "cuda"
-        and rows.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(rows.device) >= (8, 0)
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device) >= (8, 0)
     )
 
 

@@ -37,7 +37,7 @@ import torch
 
 __all__ = [
     "PagedAttentionMetadata",
-    "build_paged_metadata",
+    "paged_metadata",
     "triton_available",
     "triton_latent_attention",
     "triton_paged_attention",
@@ -70,31 +70,24 @@ class PagedAttentionMetadata:
     sliding_window: int | None
 
 
-def build_paged_metadata(
-    block_tables: list[list[int]],
-    num_cached: list[int],
-    num_new: list[int],
+def paged_metadata(
+    tables: torch.Tensor,
+    num_cached: torch.Tensor,
+    num_new: torch.Tensor,
+    query_start: torch.Tensor,
     block_size: int,
     sliding_window: int | None,
     device: torch.device | str,
 ) -> PagedAttentionMetadata:
-    """Metadata for sequences that have `num_cached[b]` tokens in the pool and add `num_new[b]` now.
-
-    Every block table must already cover `num_cached[b] + num_new[b]` tokens; the queries are the flat
-    batch's rows in sequence order.
-    """
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    tables = torch.zeros(len(block_tables), max(len(table) for table in block_tables), dtype=torch.int32)
-    for b, table in enumerate(block_tables):
-        tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    new = torch.tensor(num_new, dtype=torch.int32)
+    """The kernel's metadata from the per-sequence tensors `attention.build_attention_batch` builds (any
+    integer dtype, on the CPU): block tables [B, max_blocks] padded with 0, cached and new token counts and
+    each sequence's first row in the flat batch [B]."""
     return PagedAttentionMetadata(
-        block_tables=tables.to(device),
-        num_cached=torch.tensor(num_cached, dtype=torch.int32).to(device),
-        num_new=new.to(device),
-        query_start=(torch.cumsum(new, 0, dtype=torch.int32) - new).to(device),
-        max_num_new=max(num_new),
+        block_tables=tables.to(device, torch.int32),
+        num_cached=num_cached.to(device, torch.int32),
+        num_new=num_new.to(device, torch.int32),
+        query_start=query_start.to(device, torch.int32),
+        max_num_new=int(num_new.max()),
         block_size=block_size,
         sliding_window=sliding_window,
     )

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from kvmesh.engine.attention import build_attention_batch, paged_attention
-from kvmesh.engine.triton_attention import build_paged_metadata, triton_available, triton_paged_attention
+from kvmesh.engine.triton_attention import triton_available, triton_paged_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -138,7 +138,7 @@ def run_kernel(case: Case, inputs: Inputs) -> torch.Tensor:
     flat = (-1, case.num_kv_heads, case.head_dim)
     k_cache.view(flat).index_copy_(0, batch.slot_mapping, inputs.k)
     v_cache.view(flat).index_copy_(0, batch.slot_mapping, inputs.v)
-    meta = build_paged_metadata(*_args(case, inputs))
+    meta = build_attention_batch(*_args(case, inputs), "triton")[0].paged
     out = torch.full_like(inputs.q, float("nan"))
     result = triton_paged_attention(inputs.q, k_cache, v_cache, meta, case.head_dim**-0.5, out=out)
     assert result is out and out.dtype == case.dtype
@@ -187,7 +187,11 @@ def test_interpreted_kernel_matches_paged_attention(interpreted_results, name):
 
 
 def test_metadata_rows_and_padding():
-    meta = build_paged_metadata([[5, 2], [7], [1, 3, 4]], [17, 0, 30], [3, 9, 1], 16, None, "cpu")
+    batch, _ = build_attention_batch(
+        [[5, 2], [7], [1, 3, 4]], [17, 0, 30], [3, 9, 1], 16, None, "cpu", "triton"
+    )
+    meta = batch.paged
+    assert batch.groups == () and meta is not None
     assert meta.block_tables.dtype == torch.int32
     assert meta.block_tables.tolist() == [[5, 2, 0], [7, 0, 0], [1, 3, 4]]
     assert meta.query_start.tolist() == [0, 3, 12]

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+from kvmesh.engine.attention import build_attention_batch
 from kvmesh.engine.triton_attention import (
-    build_paged_metadata,
     triton_latent_attention,
     triton_paged_attention,
 )
@@ -119,11 +119,17 @@ def latent_reference(
     return torch.cat(outs)
 
 
+def paged_meta(tables, num_cached, num_new, block_size, device):  # noqa: ANN001, ANN201
+    """The kernel's metadata for the sequences, as the engine builds it."""
+    batch, _ = build_attention_batch(
+        tables, list(num_cached), list(num_new), block_size, None, device, "triton"
+    )
+    return batch.paged
+
+
 def run_latent_kernel(case: LatentCase, inputs: LatentInputs) -> torch.Tensor:
     """The kernel into a NaN-filled out: [T, heads, kv_lora_rank] in case.dtype."""
-    meta = build_paged_metadata(
-        inputs.tables, list(case.num_cached), list(case.num_new), case.block_size, None, inputs.q.device
-    )
+    meta = paged_meta(inputs.tables, case.num_cached, case.num_new, case.block_size, inputs.q.device)
     rank = case.kv_lora_rank
     out = inputs.q.new_full((inputs.q.shape[0], case.num_heads, rank), float("nan"))
     if case.separate_v:
@@ -224,7 +230,7 @@ def test_the_kernel_refuses_mismatched_shapes():
     """Checked before the kernel is built, so this runs without triton."""
     case = replace(SHORT, num_heads=4)
     inputs = make_latent_inputs(case)
-    meta = build_paged_metadata(inputs.tables, list(case.num_cached), list(case.num_new), 16, None, "cpu")
+    meta = paged_meta(inputs.tables, case.num_cached, case.num_new, 16, "cpu")
     cache = inputs.cache[:, :, None]
     wider = torch.cat([cache, cache], dim=-1)
     with pytest.raises(ValueError, match="does not match k_cache"):
