@@ -50,25 +50,13 @@ class Reply:
 
 
 async def complete(stub: Any, prefix: str, new_tokens: int = 2) -> Reply:
-    """Like bench.mesh.mesh_request, keeping the usage's cache and transfer fields."""
-    from bench.mesh import STAGES
-    from kvmesh.v1 import gateway_pb2
+    """One completion through the mesh (bench.mesh.timed_completion), with its usage's cache and transfer
+    fields."""
+    from bench.mesh import STAGES, timed_completion
 
-    request = gateway_pb2.CompleteRequest(prefix=prefix, suffix="\n")
-    request.sampling.max_tokens = new_tokens
-    request.sampling.ignore_eos = True
-    started = time.perf_counter()
-    first = None
-    usage = None
-    async for chunk in stub.Complete(request, timeout=120):
-        if chunk.token_ids and first is None:
-            first = time.perf_counter()
-        if chunk.HasField("usage"):
-            usage = chunk.usage
-    if first is None or usage is None:
-        raise RuntimeError("the mesh sent no token or no usage")
+    first_s, _, _, usage = await timed_completion(stub, prefix, new_tokens)
     return Reply(
-        ttft_ms=(first - started) * 1000,
+        ttft_ms=first_s * 1000,
         prompt_tokens=usage.prompt_tokens,
         cached_tokens=usage.cached_tokens,
         prefilled_tokens=usage.prefilled_tokens,

@@ -28,7 +28,7 @@ from gateway.layout import PromptLayout
 from kvmesh import default_model_path
 from kvmesh.cli.launcher import LocalMesh
 from kvmesh.engine.engine import Engine
-from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 def make_prefix(engine: Engine, num_tokens: int) -> str:
@@ -51,26 +51,38 @@ def engine_request(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[
 STAGES = ("route_ms", "queue_ms", "prefill_ms", "transfer_ms")
 
 
-async def mesh_request(
+async def timed_completion(
     stub: gateway_pb2_grpc.GatewayStub, prefix: str, new_tokens: int
-) -> tuple[float, float, dict[str, float]]:
-    """(TTFT ms, decode tokens/s, stage ms) of one completion through the mesh, seen by the client."""
+) -> tuple[float, float, int, common_pb2.Usage]:
+    """(seconds to the first token, seconds to the last, tokens received, the final usage) of one
+    completion through the mesh, seen by the client."""
     request = gateway_pb2.CompleteRequest(prefix=prefix, suffix="\n")
     request.sampling.max_tokens = new_tokens
     request.sampling.ignore_eos = True
     started = time.perf_counter()
     first = None
     num_tokens = 0
-    stages: dict[str, float] = {}
+    usage = None
     async for chunk in stub.Complete(request, timeout=120):
         if chunk.token_ids and first is None:
             first = time.perf_counter()
         num_tokens += len(chunk.token_ids)
         if chunk.HasField("usage"):
-            stages = {f: getattr(chunk.usage.stage_ms, f) for f in STAGES}
+            usage = chunk.usage
     ended = time.perf_counter()
-    assert first is not None and num_tokens == new_tokens, num_tokens
-    return (first - started) * 1000, (num_tokens - 1) / (ended - first), stages
+    if first is None or usage is None:
+        raise RuntimeError("the mesh sent no token or no usage")
+    return first - started, ended - started, num_tokens, usage
+
+
+async def mesh_request(
+    stub: gateway_pb2_grpc.GatewayStub, prefix: str, new_tokens: int
+) -> tuple[float, float, dict[str, float]]:
+    """(TTFT ms, decode tokens/s, stage ms) of one completion through the mesh, seen by the client."""
+    first_s, last_s, num_tokens, usage = await timed_completion(stub, prefix, new_tokens)
+    assert num_tokens == new_tokens, num_tokens
+    stages = {f: getattr(usage.stage_ms, f) for f in STAGES}
+    return first_s * 1000, (num_tokens - 1) / (last_s - first_s), stages
 
 
 Row = tuple[float, float, float, float, dict[str, float]]
