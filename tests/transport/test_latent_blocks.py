@@ -14,7 +14,6 @@ from tests.transport.test_transport import (
     destination_pool,
     fill_random,
     make_pool,
-    no_leaked_segments,  # noqa: F401 (a fixture)
     reference_copy,
     transfer,
 )
