@@ -18,10 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmesh.engine.attention import AttentionBatch
-from kvmesh.engine.kv_cache import KVPool
 from kvmesh.engine.mla import LatentRotary, MultiLatentAttention
-from kvmesh.engine.model import RMSNorm
+from kvmesh.engine.model import CausalLM, DecoderLayer
 from kvmesh.engine.model_config import ModelConfig, MoEConfig
 from kvmesh.engine.moe import Experts, SwiGLU
 
@@ -86,65 +84,30 @@ class DeepseekMoE(nn.Module):
         return out + self.shared_experts(x) if self.has_shared else out
 
 
-class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
-        super().__init__()
-        self.self_attn = MultiLatentAttention(config, layer_index)
-        moe = config.moe
-        self.mlp: nn.Module = (
-            DeepseekMoE(config.hidden_size, moe)
-            if moe is not None and layer_index in moe.sparse_layers
-            else SwiGLU(config.hidden_size, config.intermediate_size)
-        )
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: KVPool, batch: AttentionBatch
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pool, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def deepseek_layer(config: ModelConfig, layer_index: int) -> DecoderLayer:
+    """A DeepSeek layer: multi-latent attention, and routed + shared experts or (first_k_dense_replace) a
+    dense SwiGLU MLP."""
+    moe = config.moe
+    mlp: nn.Module = (
+        DeepseekMoE(config.hidden_size, moe)
+        if moe is not None and layer_index in moe.sparse_layers
+        else SwiGLU(config.hidden_size, config.intermediate_size)
+    )
+    return DecoderLayer(config, MultiLatentAttention(config, layer_index), mlp)
 
 
-class DeepseekDecoder(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class DeepseekForCausalLM(nn.Module):
-    """The decoder plus its LM head; `forward` returns final hidden states, `logits` projects chosen rows."""
+class DeepseekForCausalLM(CausalLM):
+    """`CausalLM` with DeepSeek's layers and its decoupled rope tables."""
 
     keep_float32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
     """Parameters that stay float32 in any model dtype (transformers keeps the router in float32)."""
+    make_layer = staticmethod(deepseek_layer)
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DeepseekDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = self.make_rotary()
-
-    def make_rotary(self) -> LatentRotary:
-        """The rotary tables (buffers computed from the config, not weights)."""
+    def make_rotary(self) -> nn.Module:
         mla = self.config.mla
         assert mla is not None
         return LatentRotary(self.config.rope, mla.qk_rope_head_dim, self.config.max_position_embeddings)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVPool, batch: AttentionBatch
-    ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]; writes the T tokens' latents into the pool."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, pool, batch)
-        return self.model.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+    def rotary_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 tables whatever the model's dtype: apply_latent_rope rotates in float32."""
+        return self.rotary(positions)

@@ -10,6 +10,7 @@ sampling live in the engine around it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -129,15 +130,13 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    """Pre-norm residual block: x + self_attn(norm(x)), then x + mlp(norm(x)); every architecture's layer,
+    with its own attention and MLP modules."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_index)
-        moe = config.moe
-        self.mlp: nn.Module = (
-            SparseMoE(config.hidden_size, moe)
-            if moe is not None and layer_index in moe.sparse_layers
-            else SwiGLU(config.hidden_size, config.intermediate_size)
-        )
+        self.self_attn = self_attn
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -148,11 +147,22 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def llama_layer(config: ModelConfig, layer_index: int) -> DecoderLayer:
+    """A Llama-family layer: GQA attention, and a sparse MoE or a dense SwiGLU MLP."""
+    moe = config.moe
+    mlp: nn.Module = (
+        SparseMoE(config.hidden_size, moe)
+        if moe is not None and layer_index in moe.sparse_layers
+        else SwiGLU(config.hidden_size, config.intermediate_size)
+    )
+    return DecoderLayer(config, Attention(config, layer_index), mlp)
+
+
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, make_layer: Callable[[ModelConfig, int], DecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -161,26 +171,32 @@ class CausalLM(nn.Module):
 
     keep_float32: tuple[str, ...] = ()
     """Suffixes of parameters that stay float32 in any model dtype (none here)."""
+    make_layer = staticmethod(llama_layer)
+    """The architecture's layer (`kvmesh.engine.deepseek` has its own)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.model = Decoder(config, self.make_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = self.make_rotary()
 
-    def make_rotary(self) -> RotaryEmbedding:
+    def make_rotary(self) -> nn.Module:
         """The rotary tables (buffers computed from the config, not weights)."""
         return RotaryEmbedding(self.config.rope, self.config.head_dim, self.config.max_position_embeddings)
+
+    def rotary_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the positions, as the layers' attention takes them."""
+        return self.rotary(positions, dtype)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVPool, batch: AttentionBatch
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]; writes the T tokens' KV into the pool."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary_at(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, pool, batch)
         return self.model.norm(x)
