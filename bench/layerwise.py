@@ -16,20 +16,22 @@ import time
 
 import torch
 
+from kvmesh import default_model_path
 from kvmesh.engine.config import EngineConfig
 from kvmesh.engine.engine import Engine
 from kvmesh.engine.loop import EngineLoop
 from kvmesh.engine.model import CausalLM
 from kvmesh.engine.model_config import ModelConfig, RopeConfig
+from kvmesh.engine.tokenizer import Tokenizer
 from kvmesh.transport import SharedKVPool, ShmSender, iter_chunks
 from kvmesh.transport.layerwise import LayerProgress
-from tests.factories import make_tokenizer
 
 
 def make_bench_engine(num_tokens: int, chunk: int) -> Engine:
+    tokenizer = Tokenizer.from_file(default_model_path() / "tokenizer.json")  # the shipped model's
     config = ModelConfig(
         architecture="llama",
-        vocab_size=300,
+        vocab_size=tokenizer.vocab_size,
         hidden_size=1024,
         intermediate_size=2048,
         num_hidden_layers=8,
@@ -55,7 +57,7 @@ def make_bench_engine(num_tokens: int, chunk: int) -> Engine:
         enable_prefix_caching=False,
         max_num_batched_tokens=chunk,
     )
-    return Engine(model, make_tokenizer(), engine_config)
+    return Engine(model, tokenizer, engine_config)
 
 
 async def one_run(
